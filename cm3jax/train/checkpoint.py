@@ -1,0 +1,120 @@
+"""Orbax checkpoints: train state, every host's Grain iterator state, config and vocab.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. Saves are asynchronous and
+atomic (Orbax writes to a temporary directory and renames it when complete), so a
+process killed mid-save leaves only a temporary directory that restore ignores. The
+state is restored onto whatever mesh the new run has: Orbax reads each array straight
+into the target sharding.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from cm3jax.config import model_vocab_size
+from cm3jax.errors import UserError
+from cm3jax.vocab import Vocab
+
+# Fields of config.model that fix parameter shapes: a checkpoint with other values cannot
+# be restored into this model, whatever the mesh.
+SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "max_len", "activation",
+                "position", "norm", "norm_params", "qk_norm", "tie_embeddings", "vocab_size")
+
+
+class CheckpointMismatchError(UserError):
+    """The checkpoint in the workdir was written by an incompatible config or vocab."""
+
+
+class Checkpointer:
+    """Saves and restores train checkpoints in WORKDIR/checkpoints."""
+
+    def __init__(self, workdir: str, ckpt_config: ml_collections.ConfigDict):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ckpt_config.keep,
+            enable_async_checkpointing=ckpt_config.async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        """Newest complete checkpoint step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator, meta: dict, force: bool = False) -> bool:
+        """Starts an (async) save of the state, the data iterator and the meta JSON."""
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+        if saved:
+            logging.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state: Any, data_iterator, config, vocab: Vocab) -> Any:
+        """Restores step `step` into `abstract_state`'s shardings and `data_iterator` in place.
+
+        Raises:
+          CheckpointMismatchError: if the checkpoint's vocab or model shapes differ from ours.
+        """
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_compatible(meta, config, vocab, os.path.join(self.directory, str(step)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def make_meta(config: ml_collections.ConfigDict, vocab: Vocab, model_vocab_size: int) -> dict:
+    """The JSON item saved with every checkpoint."""
+    model = config.model.to_dict() | {"vocab_size": model_vocab_size}
+    return {"config": config.to_dict() | {"model": model}, "vocab": vocab.to_dict()}
+
+
+def check_compatible(meta: dict, config, vocab: Vocab, where: str) -> None:
+    """Raises CheckpointMismatchError naming what differs between a checkpoint and this run."""
+    try:
+        vocab.check_same(Vocab.from_dict(meta["vocab"]), what=f"checkpoint {where}")
+    except UserError as e:
+        raise CheckpointMismatchError(str(e)) from None
+    saved_model = meta["config"]["model"]
+    ours = make_meta(config, vocab, model_vocab_size(config))["config"]["model"]
+    diffs = [
+        f"model.{k}: {saved_model.get(k)} in checkpoint vs {ours[k]} here"
+        for k in SHAPE_FIELDS
+        if saved_model.get(k) != ours[k]
+    ]
+    if diffs:
+        raise CheckpointMismatchError(f"checkpoint {where} has another model shape: " + "; ".join(diffs))

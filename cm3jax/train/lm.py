@@ -1,0 +1,111 @@
+"""The language-model task: token loss split by modality, the train step and the eval step.
+
+The objective of a step is the mean next-token loss over every unmasked target token
+of the global batch. With gradient accumulation the batch is split into microbatches
+(interleaved rows, so every device keeps an equal share of each), loss *sums* and
+gradients of sums are accumulated, and both are divided by the global token count at
+the end: accumulated and single-shot steps optimise exactly the same objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cm3jax.train import partitioning
+from cm3jax.train.state import StateSpec, TrainState
+from cm3jax.vocab import IMAGE
+
+Batch = dict[str, jax.Array]
+SUM_KEYS = ("loss", "text_loss", "image_loss", "tokens", "text_tokens", "image_tokens")
+
+
+def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, dict]:
+    """Summed token losses (total, text, image) and token counts over a batch."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    image = mask * (batch["token_type"] == IMAGE)
+    text = mask - image
+    sums = {
+        "loss": jnp.sum(losses * mask),
+        "text_loss": jnp.sum(losses * text),
+        "image_loss": jnp.sum(losses * image),
+        "tokens": jnp.sum(mask),
+        "text_tokens": jnp.sum(text),
+        "image_tokens": jnp.sum(image),
+    }
+    return sums["loss"], sums
+
+
+def means(sums: dict) -> dict:
+    """Per-token means from summed losses (a split with no tokens reports 0)."""
+    return {
+        "loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0),
+        "text_loss": sums["text_loss"] / jnp.maximum(sums["text_tokens"], 1.0),
+        "image_loss": sums["image_loss"] / jnp.maximum(sums["image_tokens"], 1.0),
+        "tokens": sums["tokens"],
+    }
+
+
+def _microbatches(batch: Batch, accum_steps: int, mesh) -> Batch:
+    """[B, L] -> [accum, B/accum, L], microbatch k = rows k, k+accum, ... (device-balanced)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, partitioning.BATCH_AXES)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(spec: StateSpec, accum_steps: int, mesh, schedule: optax.Schedule):
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def gradients(params, batch):
+        if accum_steps == 1:
+            (_, sums), grads = grad_fn(params, spec.graphdef, batch)
+            return grads, sums
+
+        def accumulate(carry, microbatch):
+            (_, sums), grads = grad_fn(params, spec.graphdef, microbatch)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        # Zero gradients laid out like the parameters, so the accumulator stays sharded.
+        zero_grads = jax.tree.map(
+            lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros_like(p), s),
+            params, spec.param_shardings,
+        )
+        zeros = (zero_grads, {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, accum_steps, mesh))
+        return grads, sums
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+        grads, sums = gradients(state["params"], batch)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+        updates, opt_state = spec.optimizer.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "rng": state["rng"],
+        }
+        metrics = means(sums) | {"grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(spec: StateSpec):
+    """Returns `eval_step(params, batch) -> loss sums` (not yet jitted)."""
+
+    def eval_step(params: dict, batch: Batch) -> dict:
+        return loss_sums(params, spec.graphdef, batch)[1]
+
+    return eval_step

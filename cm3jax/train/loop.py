@@ -1,0 +1,191 @@
+"""The training loop: validate, build the mesh and state, compile once, train, checkpoint.
+
+A run always auto-resumes from the newest complete checkpoint in its workdir, so the
+same command starts, resumes after a crash, and resumes after pre-emption. SIGTERM
+makes the loop save at the next step boundary and return cleanly (exit code 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from cm3jax import config as config_lib
+from cm3jax import vocab as vocab_lib
+from cm3jax.data.pipeline import make_dataset
+from cm3jax.data.schema import FIELDS
+from cm3jax.models import accounting, logical
+from cm3jax.train import lm, partitioning
+from cm3jax.train import metrics as metrics_lib
+from cm3jax.train.checkpoint import Checkpointer, make_meta
+from cm3jax.train.optim import learning_rate_schedule
+from cm3jax.train.state import build_state_spec
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; every host agrees on it before acting (so all save together)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: will save a checkpoint and stop after this step")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+    def restore_handler(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, vocab: vocab_lib.Vocab) -> None:
+    """WORKDIR/config.json and vocab.json, for humans and for sampling/eval jobs."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    vocab.save(os.path.join(workdir, "vocab.json"))
+
+
+def _global_batch(local_batch: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k])) for k in FIELDS}
+
+
+def _abstract_batch(config, sharding) -> dict:
+    shape = (config.data.global_batch_size, config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in FIELDS}
+
+
+def _log_memory(compiled, what: str) -> None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return
+    gib = 1 / 2**30
+    logging.info(
+        "%s per-device memory: arguments %.3f GiB, outputs %.3f GiB, temporaries %.3f GiB",
+        what, analysis.argument_size_in_bytes * gib, analysis.output_size_in_bytes * gib,
+        analysis.temp_size_in_bytes * gib,
+    )
+
+
+def run_eval(eval_step, params, config, batch_sharding) -> dict:
+    """Mean losses over `config.eval_steps` batches of the eval split (same batches every time)."""
+    dataset = make_dataset(config, "eval", jax.process_index(), jax.process_count())
+    totals = None
+    for _, local_batch in zip(range(config.eval_steps), dataset):
+        sums = eval_step(params, _global_batch(local_batch, batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    means = metrics_lib.to_host(lm.means(totals))
+    return {f"eval_{k}": v for k, v in means.items() if k != "tokens"}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the run in `workdir` until `config.total_steps`; returns last metrics."""
+    mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+    vocab = vocab_lib.from_config(config.vocab)
+    os.makedirs(workdir, exist_ok=True)
+    write_run_files(workdir, config, vocab)
+    mesh = partitioning.make_mesh(mesh_shape)
+    logging.info("mesh %s over %d devices, %d process(es)", mesh_shape, jax.device_count(),
+                 jax.process_count())
+
+    spec = build_state_spec(config, mesh)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    replicated = partitioning.replicated(mesh)
+    schedule = learning_rate_schedule(config.optim, config.total_steps)
+    with logical.activate(mesh, partitioning.LOGICAL_RULES):
+        train_step = jax.jit(
+            lm.make_train_step(spec, config.optim.grad_accum_steps, mesh, schedule),
+            in_shardings=(spec.shardings, batch_sharding),
+            out_shardings=(spec.shardings, replicated),
+            donate_argnums=0,
+        ).lower(spec.abstract, _abstract_batch(config, batch_sharding)).compile()
+        eval_step = jax.jit(
+            lm.make_eval_step(spec),
+            in_shardings=(spec.shardings["params"], batch_sharding),
+            out_shardings=replicated,
+        )
+    _log_memory(train_step, "train step")
+
+    n_params = accounting.param_count(spec.abstract["params"])
+    flops_per_token = accounting.flops_per_token(spec.model_config, config.data.seq_len)
+    peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
+    logging.info("model: %.2fM parameters, %.3g FLOPs/token, peak %.3g FLOP/s", n_params / 1e6,
+                 flops_per_token, peak)
+
+    data_iterator = iter(make_dataset(config, "train", jax.process_index(), jax.process_count()))
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    meta = make_meta(config, vocab, spec.model_config.vocab_size)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = spec.init()
+    else:
+        logging.info("resuming from checkpoint step %d", latest)
+        state = checkpointer.restore(latest, spec.abstract, data_iterator, config, vocab)
+        writer.truncate_after(latest)
+    last_saved = latest
+
+    preemption = PreemptionFlag()
+    step = int(state["step"])
+    pending: list[tuple[int, dict]] = []
+    interval_start, data_wait, last_row = time.perf_counter(), 0.0, {}
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    try:
+        while step < config.total_steps:
+            wait_start = time.perf_counter()
+            batch = _global_batch(next(data_iterator), batch_sharding)
+            data_wait += time.perf_counter() - wait_start
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            pending.append((step, step_metrics))
+
+            stop = preemption.agreed()
+            final = step == config.total_steps
+            save = final or stop or step % config.checkpoint.every_steps == 0
+            evaluate = config.eval_every > 0 and (step % config.eval_every == 0 or final)
+            if not (save or evaluate or step % config.log_every == 0):
+                continue
+
+            # Host sync point: fetch every pending step's metrics, check them, write them.
+            rows = [{"step": s} | metrics_lib.to_host(m) for s, m in pending]
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_sec = tokens_per_step * len(rows) / elapsed
+            for row in rows:
+                metrics_lib.check_finite(row["step"], row, last_saved)
+                row.update(tokens_per_sec=tokens_per_sec, mfu=tokens_per_sec * flops_per_token / peak,
+                           bad_records=0, data_wait_fraction=data_wait / elapsed)
+            if evaluate:
+                rows[-1].update(run_eval(eval_step, state["params"], config, batch_sharding))
+            writer.write(rows)
+            last_row = rows[-1]
+            logging.info(
+                "step %d/%d | loss %.4f (text %.4f, image %.4f) | %.0f tok/s | mfu %.1f%% | lr %.3g",
+                step, config.total_steps, last_row["loss"], last_row["text_loss"],
+                last_row["image_loss"], tokens_per_sec, 100 * last_row["mfu"], last_row["lr"],
+            )
+            pending, data_wait, interval_start = [], 0.0, time.perf_counter()
+
+            if save and checkpointer.save(step, state, data_iterator, meta, force=final or stop):
+                last_saved = step
+            if stop:
+                logging.warning("pre-emption: checkpoint of step %d written, exiting", step)
+                break
+    finally:
+        preemption.restore_handler()
+        checkpointer.close()
+        writer.close()
+    return last_row

@@ -1,0 +1,91 @@
+"""The train state, its shardings, and its creation directly sharded on the mesh.
+
+The state is a plain pytree (so Orbax and optax see ordinary dicts):
+`{'step': int32, 'params': <pure dict>, 'opt_state': <optax state>, 'rng': uint32[2]}`.
+Its shardings are worked out from shapes alone (`jax.eval_shape`), then the state is
+created by `jax.jit(init, out_shardings=...)`: no full copy ever sits on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from cm3jax.config import model_vocab_size
+from cm3jax.models import transformer
+from cm3jax.models.layers import TransformerConfig
+from cm3jax.train import partitioning
+from cm3jax.train.optim import make_optimizer
+
+TrainState = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """Everything static about a train state: model graph, optimizer, shapes, shardings."""
+
+    model_config: TransformerConfig
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    abstract: TrainState  # ShapeDtypeStructs carrying their target shardings
+    shardings: TrainState
+    init: Callable[[], TrainState]  # jitted, creates the state sharded
+
+    @property
+    def param_shardings(self) -> dict:
+        return self.shardings["params"]
+
+
+def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+    """The transformer architecture described by `config.model`."""
+    return TransformerConfig.from_config(config.model, model_vocab_size(config))
+
+
+def abstract_params(cfg: TransformerConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Model graph and parameter shapes (with logical axis metadata), allocating nothing."""
+    abstract_model = nnx.eval_shape(lambda: transformer.create(cfg, 0))
+    return nnx.split(abstract_model)
+
+
+def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
+    """Derives shapes and shardings of the train state for `config` on `mesh`."""
+    cfg = model_config(config)
+    graphdef, abstract_param_state = abstract_params(cfg)
+    param_sh = partitioning.param_shardings(abstract_param_state, mesh)
+    optimizer = make_optimizer(config.optim, config.total_steps)
+    replicated = partitioning.replicated(mesh)
+    seed = config.seed
+
+    def init() -> TrainState:
+        key = jax.random.key(seed)
+        params_key, state_key = jax.random.split(key)
+        params = nnx.to_pure_dict(nnx.state(transformer.create(cfg, params_key)))
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "rng": jax.random.key_data(state_key),
+        }
+
+    shapes = jax.eval_shape(init)
+    shardings = {
+        "step": replicated,
+        "params": param_sh,
+        "opt_state": optax.tree_map_params(
+            optimizer, lambda _, sharding: sharding, shapes["opt_state"], param_sh,
+            transform_non_params=lambda _: replicated,
+        ),
+        "rng": replicated,
+    }
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return StateSpec(cfg, graphdef, optimizer, abstract, shardings,
+                     jax.jit(init, out_shardings=shardings))
