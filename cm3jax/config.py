@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1500  # linear warmup (CM3)
     c.optim.schedule = "cosine"  # decay after warmup: 'cosine', 'linear' or 'constant'
     c.optim.min_lr_ratio = 0.1  # final LR as a fraction of the peak
+    c.optim.schedule_steps = -1  # steps the LR schedule spans; -1 = total_steps (run part of a schedule)
     c.optim.b1 = 0.9  # Adam beta1 (CM3)
     c.optim.b2 = 0.98  # Adam beta2 (CM3)
     c.optim.eps = 1e-8  # Adam epsilon

@@ -55,6 +55,17 @@ class Block(nnx.Module):
         return constrain(x, EMBED_NAMES)
 
 
+def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of `table` for `ids`, gathered from a replicated copy of the (compute-dtype) table.
+
+    XLA cannot partition a gather from a sharded table into a batch-sharded output and
+    falls back to replicating the output ("involuntary full rematerialization"); an
+    explicit all-gather of the table is cheaper and predictable.
+    """
+    table = constrain(table, (None, None))
+    return constrain(jnp.take(table, ids, axis=0), EMBED_NAMES)
+
+
 def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
     """Creates `num_layers` blocks as one Block whose parameters have a leading 'layers' axis."""
 
@@ -102,9 +113,9 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = _lookup(self.embed[...].astype(dtype), tokens)
         if self.positions is not None:
-            x = x + jnp.take(self.positions[...], positions, axis=0).astype(dtype)
+            x = x + _lookup(self.positions[...].astype(dtype), positions)
         x = constrain(x, EMBED_NAMES)
         x = self._run_blocks(x, positions, attention_mask(segment_ids))
         x = self.final_norm(x)

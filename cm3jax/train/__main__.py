@@ -11,7 +11,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cm3jax import distributed
+from cm3jax import distributed, logs
 from cm3jax.errors import exit_on_user_error
 from cm3jax.train import dry_run, loop
 
@@ -32,6 +32,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
+    logs.quiet_third_party_logs()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DRY_RUN.value:
         report = dry_run.describe(config)

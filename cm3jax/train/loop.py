@@ -28,7 +28,7 @@ from cm3jax.train import lm, partitioning
 from cm3jax.train import metrics as metrics_lib
 from cm3jax.train.checkpoint import Checkpointer, make_meta
 from cm3jax.train.optim import learning_rate_schedule
-from cm3jax.train.state import build_state_spec
+from cm3jax.train.state import StateSpec, build_state_spec, schedule_steps
 
 
 class PreemptionFlag:
@@ -81,6 +81,27 @@ def _log_memory(compiled, what: str) -> None:
     )
 
 
+def compile_steps(config: ml_collections.ConfigDict, mesh, spec: StateSpec):
+    """The jitted train step (compiled ahead of time, state donated) and eval step."""
+    batch_sharding = partitioning.batch_sharding(mesh)
+    replicated = partitioning.replicated(mesh)
+    schedule = learning_rate_schedule(config.optim, schedule_steps(config))
+    with logical.activate(mesh, partitioning.LOGICAL_RULES):
+        train_step = jax.jit(
+            lm.make_train_step(spec, config.optim.grad_accum_steps, mesh, schedule),
+            in_shardings=(spec.shardings, batch_sharding),
+            out_shardings=(spec.shardings, replicated),
+            donate_argnums=0,
+        ).lower(spec.abstract, _abstract_batch(config, batch_sharding)).compile()
+        eval_step = jax.jit(
+            lm.make_eval_step(spec),
+            in_shardings=(spec.shardings["params"], batch_sharding),
+            out_shardings=replicated,
+        ).lower(spec.abstract["params"], _abstract_batch(config, batch_sharding)).compile()
+    _log_memory(train_step, "train step")
+    return train_step, eval_step
+
+
 def run_eval(eval_step, params, config, batch_sharding) -> dict:
     """Mean losses over `config.eval_steps` batches of the eval split (same batches every time)."""
     dataset = make_dataset(config, "eval", jax.process_index(), jax.process_count())
@@ -104,21 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     spec = build_state_spec(config, mesh)
     batch_sharding = partitioning.batch_sharding(mesh)
-    replicated = partitioning.replicated(mesh)
-    schedule = learning_rate_schedule(config.optim, config.total_steps)
-    with logical.activate(mesh, partitioning.LOGICAL_RULES):
-        train_step = jax.jit(
-            lm.make_train_step(spec, config.optim.grad_accum_steps, mesh, schedule),
-            in_shardings=(spec.shardings, batch_sharding),
-            out_shardings=(spec.shardings, replicated),
-            donate_argnums=0,
-        ).lower(spec.abstract, _abstract_batch(config, batch_sharding)).compile()
-        eval_step = jax.jit(
-            lm.make_eval_step(spec),
-            in_shardings=(spec.shardings["params"], batch_sharding),
-            out_shardings=replicated,
-        )
-    _log_memory(train_step, "train step")
+    train_step, eval_step = compile_steps(config, mesh, spec)
 
     n_params = accounting.param_count(spec.abstract["params"])
     flops_per_token = accounting.flops_per_token(spec.model_config, config.data.seq_len)

@@ -43,6 +43,11 @@ class StateSpec:
         return self.shardings["params"]
 
 
+def schedule_steps(config: ml_collections.ConfigDict) -> int:
+    """Steps the LR schedule spans: `optim.schedule_steps`, or `total_steps` when -1."""
+    return config.optim.schedule_steps if config.optim.schedule_steps > 0 else config.total_steps
+
+
 def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     """The transformer architecture described by `config.model`."""
     return TransformerConfig.from_config(config.model, model_vocab_size(config))
@@ -59,7 +64,7 @@ def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec
     cfg = model_config(config)
     graphdef, abstract_param_state = abstract_params(cfg)
     param_sh = partitioning.param_shardings(abstract_param_state, mesh)
-    optimizer = make_optimizer(config.optim, config.total_steps)
+    optimizer = make_optimizer(config.optim, schedule_steps(config))
     replicated = partitioning.replicated(mesh)
     seed = config.seed
 
