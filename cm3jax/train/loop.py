@@ -143,7 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         logging.info("resuming from checkpoint step %d", latest)
         state = checkpointer.restore(latest, spec.abstract, data_iterator, config, vocab)
-        writer.truncate_after(latest)
+    # Rows past the restored step belong to steps this run redoes (or to a killed run).
+    writer.truncate_after(latest or 0)
     last_saved = latest
 
     preemption = PreemptionFlag()

@@ -98,7 +98,7 @@ class MetricsWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            lines = [line for line in f if _complete_row_at_or_before(line, step)]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(lines)
@@ -121,6 +121,14 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _complete_row_at_or_before(line: str, step: int) -> bool:
+    """True for a whole JSON row with step <= `step` (a kill mid-write leaves a partial line)."""
+    try:
+        return line.endswith("\n") and json.loads(line)["step"] <= step
+    except json.JSONDecodeError:
+        return False
 
 
 def to_host(metrics: dict) -> dict:
