@@ -68,7 +68,7 @@ def truncated_normal(std: float) -> nnx.Initializer:
 def make_param(rngs: nnx.Rngs, init, shape, names, cfg: TransformerConfig) -> nnx.Param:
     """A parameter of `shape` with logical axis `names`, in the config's param dtype."""
     assert len(shape) == len(names), (shape, names)
-    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), sharding_names=names)
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), out_sharding=names)
 
 
 class Norm(nnx.Module):
