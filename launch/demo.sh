@@ -3,7 +3,7 @@
 #   1. trains the tiny mixed-modal LM on the synthetic source, sharded over 8 fake CPU
 #      devices (data=2 x fsdp=2 x tensor=2), with checkpoints, eval loss and metrics;
 #   2. stops it half-way with SIGTERM and re-runs the same command, which resumes;
-#   3. prints the loss curve summary and the CM3leon-350M dry run (parameters, FLOPs).
+#   3. prints the loss curve summary and the CM3leon-350M dry run (parameters, FLOPs, memory).
 #
 #   launch/demo.sh [WORKDIR]      (default: workdirs/demo; removed first)
 set -euo pipefail
@@ -41,6 +41,6 @@ print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.3f} -> {last
       f"eval loss {last.get('eval_loss', float('nan')):.3f}")
 print(f"throughput {last['tokens_per_sec']:.0f} tokens/s, MFU {100 * last['mfu']:.1f}% of the measured CPU matmul peak")
 PY
-echo "== 4. CM3leon-350M as the paper sized it (dry run: shapes only, nothing allocated)"
-python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run 2>/dev/null | grep -v '^{'
+echo "== 4. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
+python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run --dry_run_devices=256 2>/dev/null | grep -v '^{'
 echo "demo finished: metrics in $workdir/metrics.jsonl, TensorBoard events in $workdir/tensorboard"

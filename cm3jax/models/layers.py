@@ -1,6 +1,6 @@
 """Transformer building blocks (Flax NNX): norms, attention, MLP, rotary embeddings.
 
-Every parameter carries logical axis names (`sharding_names`), which the trainer maps to
+Every parameter carries logical axis names (`out_sharding` metadata), which the trainer maps to
 mesh axes with one rules table; no layer names a mesh axis. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` where they are used.
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -19,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (expe
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Describe the model and its memory; train nothing.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", None, "With --dry_run: size the mesh for this many devices (default: the ones here)."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -35,7 +39,7 @@ def main(argv: list[str]) -> None:
     logs.quiet_third_party_logs()
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DRY_RUN.value:
-        report = dry_run.describe(config)
+        report = dry_run.describe(config, _DRY_RUN_DEVICES.value or jax.device_count())
         dry_run.print_report(report)
         print(json.dumps(report))
         return

@@ -1,7 +1,8 @@
 """`cm3jax.train --dry_run`: parameter count, FLOPs/token and per-device memory, nothing trained.
 
-Everything is derived from shapes (`jax.eval_shape`), so a 7B config is described in
-seconds on a laptop, for any mesh the config names.
+Everything is derived from shapes (`jax.eval_shape`) on an abstract mesh, so a 7B config
+is described in seconds on a laptop, for the mesh of a cluster it is not running on
+(`--dry_run_devices=256`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ import ml_collections
 
 from cm3jax import config as config_lib
 from cm3jax.models import accounting
-from cm3jax.train import partitioning
 from cm3jax.train.state import build_state_spec
 
 GIB = 2**30
 
 
-def describe(config: ml_collections.ConfigDict) -> dict:
-    """Model size, compute and per-device memory of `config` on the current devices."""
-    mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
-    mesh = partitioning.make_mesh(mesh_shape)
+def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict:
+    """Model size, compute and per-device memory of `config` on `num_devices` devices."""
+    mesh_shape = config_lib.validate(config, num_devices)
+    mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
     spec = build_state_spec(config, mesh)
     params, cfg = spec.abstract["params"], spec.model_config
     param_bytes = accounting.sharded_bytes(params, spec.shardings["params"])
