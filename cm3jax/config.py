@@ -171,6 +171,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         if value < 1:
             raise ConfigError(field, f"must be >= 1, got {value}")
 
+    if config.eval_every > 0 and config.eval_steps < 1:
+        raise ConfigError("eval_steps", f"must be >= 1 when eval_every > 0, got {config.eval_steps}")
     if d.seq_len > m.max_len:
         raise ConfigError("data.seq_len", f"{d.seq_len} is longer than model.max_len={m.max_len}")
     vocab_size = vocab_lib.from_config(config.vocab).size

@@ -121,9 +121,14 @@ class Vocab:
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
         """Inverse of `to_dict` (derived fields are recomputed and checked)."""
-        vocab = cls(int(d["text_size"]), int(d["image_codes"]), int(d["num_masks"]))
-        if "size" in d and int(d["size"]) != vocab.size:
-            raise VocabMismatchError(f"vocab JSON says size={d['size']} but its layout gives {vocab.size}")
+        try:
+            vocab = cls(int(d["text_size"]), int(d["image_codes"]), int(d["num_masks"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise VocabMismatchError(f"vocab JSON is malformed: {e!r}") from None
+        derived = vocab.to_dict()
+        for key in ("size", "special_ids"):
+            if key in d and d[key] != derived[key]:
+                raise VocabMismatchError(f"vocab JSON says {key}={d[key]} but its layout gives {derived[key]}")
         return vocab
 
     def save(self, path: str) -> None:

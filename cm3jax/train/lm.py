@@ -96,7 +96,7 @@ def make_train_step(spec: StateSpec, accum_steps: int, mesh, schedule: optax.Sch
             "opt_state": opt_state,
             "rng": state["rng"],
         }
-        metrics = means(sums) | {"grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        metrics = means(sums) | {"grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return new_state, metrics
 
     return train_step

@@ -1,0 +1,67 @@
+"""Shared test setup: 8 fake CPU devices and the tiny experiment config.
+
+The XLA flag must be in the environment before jax creates its CPU backend, so it is
+set here, at conftest import time, before any test module imports jax.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
+if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", "").split():
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_LM_PATH = REPO_ROOT / "experiments" / "tiny_lm.py"
+
+# Architecture switches of the Chameleon-style ("modern") variant.
+MODERN_OVERRIDES = {
+    "model.activation": "swiglu",
+    "model.position": "rope",
+    "model.norm": "rmsnorm",
+    "model.norm_params": True,
+    "model.qk_norm": True,
+    "model.tie_embeddings": False,
+}
+
+
+def _load_experiment(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"experiments_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config(overrides: dict | None = None, **kwargs):
+    """experiments/tiny_lm.py's config (a fresh copy), with dotted-key overrides applied.
+
+    `tiny_config({"mesh.fsdp": 2})` or `tiny_config(seed=3)` (top-level keys only as kwargs).
+    """
+    config = _load_experiment(TINY_LM_PATH).get_config()
+    for key, value in {**(overrides or {}), **kwargs}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"tiny_config override of unknown field {key!r}")
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(name="tiny_config")
+def tiny_config_fixture():
+    """The `tiny_config(overrides)` factory, as a fixture."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    return REPO_ROOT
