@@ -97,6 +97,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def cm3leon_config(num_layers: int, d_model: int, num_heads: int, learning_rate: float):
+    """A CM3leon pretraining config of the given shape (paper Appendix B.2, Table 3).
+
+    All sizes share seq 4096, 8M-token batches (2048 rows) and 1500 warmup steps; heads are
+    not stated in the paper, the GPT-3/OPT shape of each size is used.
+    """
+    c = base_config()
+    c.total_steps = 200_000  # 8M-token steps; the paper trained 1.4T-2.4T tokens
+    c.model.num_layers = num_layers  # Table 3
+    c.model.d_model = d_model  # Table 3
+    c.model.num_heads = num_heads  # the GPT-3/OPT shape of this size (not in the paper)
+    c.model.max_len = 4096  # Table 3 sequence length
+    c.data.seq_len = 4096  # Table 3
+    c.data.global_batch_size = 2048  # 2048 x 4096 = 8M tokens per step (Table 3)
+    c.optim.learning_rate = learning_rate  # Table 3 peak LR
+    c.optim.warmup_steps = 1500  # Table 3
+    c.mesh.data = 1  # parameters and optimizer state sharded over every device by default
+    c.mesh.fsdp = -1  # ZeRO-3 over all devices; add mesh.tensor for the 7B on GPUs
+    return c
+
+
 def model_vocab_size(config: ml_collections.ConfigDict) -> int:
     """The model's vocab size: explicit, or the vocab's size padded to VOCAB_PAD_MULTIPLE."""
     if config.model.vocab_size > 0:
