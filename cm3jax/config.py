@@ -66,11 +66,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # where documents come from ('synthetic' until the data pipeline lands)
+    c.data.source = "synthetic"  # 'prepared:DIR' (shards written by cm3jax.data.prepare) or 'synthetic'
     c.data.seq_len = 4096  # tokens per packed training row
     c.data.global_batch_size = 2048  # rows per optimizer step, over all hosts
     c.data.num_threads = 2  # Grain reader threads per host
     c.data.prefetch = 4  # batches Grain keeps ready per host
+    c.data.num_workers = 0  # Grain worker processes per host (0 = reader threads only)
+    c.data.packing_bins = 8  # open rows the first-fit packer fills at once
+    c.data.image_first_probability = 0.5  # documents laid out image-first (image-to-text) vs caption-first
+    c.data.retrieved_in_loss = True  # retrieved documents' tokens are trained on (CM3leon) or not (RA-CM3)
+    c.data.max_bad_fraction = 0.01  # prepare stops when more records than this cannot be read
+    c.data.cm3 = ml_collections.ConfigDict()
+    c.data.cm3.mask_probability = 1.0  # fraction of documents given the causal-masked transform
+    c.data.cm3.mask_rate = 1.0  # Poisson mean of the number of masked spans (CM3)
+    c.data.cm3.max_spans = 16  # at most this many spans (and at most vocab.num_masks)
+    c.data.cm3.whole_image = False  # an image is masked whole or not at all
+
+    c.prepare = ml_collections.ConfigDict()  # used by cm3jax.data.prepare only
+    c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})  # split -> source spec
+    c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})  # 'shapes' sizes
+    c.prepare.resolution = 32  # images are resized / centre-cropped to this
+    c.prepare.image_tokenizer = "palette"  # 'palette' (colour quantiser) until the VQGAN lands
+    c.prepare.palette = "shapes"  # palette of the palette tokenizer
+    c.prepare.downsample = 1  # pixels per code side (1 = exact on the shapes palette)
+    c.prepare.records_per_shard = 2000  # records per ArrayRecord shard (the unit of parallelism and resume)
+    c.prepare.num_workers = 2  # worker processes
+    c.prepare.tokenizer_records = 50000  # captions the BPE tokenizer is trained on
+    c.prepare.tfds_data_dir = ""  # data_dir of 'tfds:' sources ('' = TFDS default)
+    c.prepare.tfds_image_key = "image"  # image feature of 'tfds:' sources
+    c.prepare.tfds_text_key = "caption"  # text feature of 'tfds:' sources
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # pure data parallelism; -1 = whatever the other axes leave
@@ -94,6 +118,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 500  # steps between saves (plus one at the end and on SIGTERM)
     c.checkpoint.keep = 3  # newest checkpoints kept
     c.checkpoint.async_save = True  # save in a background thread while training continues
+    return c
+
+
+def use_shapes_benchmark(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Vocab and prepare settings of the shapes benchmark, shared by its prepare and train configs.
+
+    32x32 images, one palette code per pixel (1024 codes per image, as CM3leon's 256x256 /
+    8x8 VQGAN grid): the text BPE gets up to 512 pieces, the palette up to 16 colours.
+    """
+    c.vocab.text_size = 512  # BPE pieces (the shapes captions need fewer; spare ids stay unused)
+    c.vocab.image_codes = 16  # palette colours (background + the shapes palette)
+    c.vocab.num_masks = 8  # CM3 sentinels
+    c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})
+    c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})
+    c.prepare.resolution = 32  # shapes render size
+    c.prepare.image_tokenizer = "palette"  # exact on the shapes palette
+    c.prepare.palette = "shapes"
+    c.prepare.downsample = 1  # one code per pixel
     return c
 
 
@@ -177,9 +219,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         ("model.param_dtype", DTYPES),
         ("model.attention_impl", ("xla", "cudnn")),
         ("optim.schedule", ("cosine", "linear", "constant")),
-        ("data.source", ("synthetic",)),
     ):
         _check_choice(config, field, choices)
+    if config.data.source != "synthetic" and not config.data.source.startswith("prepared:"):
+        raise ConfigError("data.source", f"{config.data.source!r} is neither 'synthetic' nor 'prepared:DIR'")
 
     mesh = mesh_shape(config.mesh, num_devices)
     m, d = config.model, config.data

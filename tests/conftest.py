@@ -21,6 +21,18 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_LM_PATH = REPO_ROOT / "experiments" / "tiny_lm.py"
 
+# tiny_lm trains on prepared shapes data; unit tests use the synthetic source at these
+# small shapes instead (no prepare step, 16 rows of 64 tokens).
+SYNTHETIC_OVERRIDES = {
+    "data.source": "synthetic",
+    "data.seq_len": 64,
+    "data.global_batch_size": 16,
+    "model.max_len": 128,
+    "vocab.text_size": 200,
+    "vocab.image_codes": 48,
+    "vocab.num_masks": 4,
+}
+
 # Architecture switches of the Chameleon-style ("modern") variant.
 MODERN_OVERRIDES = {
     "model.activation": "swiglu",
@@ -40,12 +52,12 @@ def _load_experiment(path: pathlib.Path):
 
 
 def tiny_config(overrides: dict | None = None, **kwargs):
-    """experiments/tiny_lm.py's config (a fresh copy), with dotted-key overrides applied.
+    """experiments/tiny_lm.py's config on the synthetic source, with dotted-key overrides applied.
 
     `tiny_config({"mesh.fsdp": 2})` or `tiny_config(seed=3)` (top-level keys only as kwargs).
     """
     config = _load_experiment(TINY_LM_PATH).get_config()
-    for key, value in {**(overrides or {}), **kwargs}.items():
+    for key, value in {**SYNTHETIC_OVERRIDES, **(overrides or {}), **kwargs}.items():
         *parents, leaf = key.split(".")
         node = config
         for part in parents:

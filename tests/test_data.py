@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cm3jax import vocab as vocab_lib
-from cm3jax.data.pipeline import make_dataset, make_source
+from cm3jax.data.pipeline import make_dataset
 from cm3jax.data.schema import FIELDS, pack_documents
 from cm3jax.data.synthetic import SyntheticDocuments
 from cm3jax.vocab import IMAGE, SPECIAL, TEXT, Vocab
@@ -50,7 +50,7 @@ def test_synthetic_is_deterministic(vocab):
 def test_synthetic_rows_differ_by_index_seed_and_split(vocab):
     base = SyntheticDocuments(vocab, SEQ_LEN, seed=0, split="train")
     other_seed = SyntheticDocuments(vocab, SEQ_LEN, seed=1, split="train")
-    other_split = SyntheticDocuments(vocab, SEQ_LEN, seed=0, split="eval")
+    other_split = SyntheticDocuments(vocab, SEQ_LEN, seed=0, split="validation")
     for index in range(3):
         assert not _rows_equal(base[index], base[index + 1])
         assert not _rows_equal(base[index], other_seed[index])
@@ -59,14 +59,7 @@ def test_synthetic_rows_differ_by_index_seed_and_split(vocab):
 
 def test_synthetic_unknown_split(vocab):
     with pytest.raises(ValueError, match="split"):
-        SyntheticDocuments(vocab, SEQ_LEN, seed=0, split="validation")
-
-
-def test_make_source_uses_config(tiny_config, vocab):
-    config = tiny_config({"seed": 5})
-    source = make_source(config, "eval")
-    _assert_rows_equal(source[3], SyntheticDocuments(vocab, SEQ_LEN, seed=5, split="eval")[3])
-    assert not _rows_equal(source[3], make_source(config, "train")[3])
+        SyntheticDocuments(vocab, SEQ_LEN, seed=0, split="test")
 
 
 def test_synthetic_row_schema(vocab):
@@ -153,6 +146,10 @@ def _batches(dataset, n: int) -> list[dict]:
     return [dict(batch) for batch in itertools.islice(iter(dataset), n)]
 
 
+def _synthetic_source(config, split):
+    return SyntheticDocuments(vocab_lib.from_config(config.vocab), config.data.seq_len, config.seed, split)
+
+
 def test_dataset_batches(tiny_config):
     config = tiny_config()
     (batch,) = _batches(make_dataset(config, "train", 0, 1), 1)
@@ -161,7 +158,7 @@ def test_dataset_batches(tiny_config):
         assert batch[name].shape == (16, 64), name
         assert batch[name].dtype == np.int32, name
     # Global batch 0 is rows 0..15 of the source, in order.
-    source = make_source(config, "train")
+    source = _synthetic_source(config, "train")
     for i in (0, 5, 15):
         _assert_rows_equal({k: v[i] for k, v in batch.items()}, source[i])
 
@@ -202,7 +199,7 @@ def test_iterator_state_round_trip(tiny_config):
 
 def test_iterator_state_from_fresh_iterator_restarts(tiny_config):
     config = tiny_config()
-    dataset = make_dataset(config, "eval", 0, 1)
+    dataset = make_dataset(config, "validation", 0, 1)
     fresh = iter(dataset)
     state = fresh.get_state()
     first = next(fresh)

@@ -11,10 +11,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "experiments" / "tiny_lm.py")
-# 20 steps with a checkpoint every 5 and a cosine schedule over the 20 steps; the mesh
-# exercises all three axes on 8 fake devices.
+# The synthetic source at small shapes, 20 steps with a checkpoint every 5 and a cosine
+# schedule over the 20 steps; the mesh exercises all three axes on 8 fake devices.
 BASE_FLAGS = (
     f"--config={TINY}",
+    "--config.data.source=synthetic",
+    "--config.data.seq_len=64",
+    "--config.data.global_batch_size=16",
+    "--config.model.max_len=128",
+    "--config.vocab.text_size=200",
+    "--config.vocab.image_codes=48",
+    "--config.vocab.num_masks=4",
     "--config.total_steps=20",
     "--config.optim.schedule_steps=20",
     "--config.checkpoint.every_steps=5",

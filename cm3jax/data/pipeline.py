@@ -1,34 +1,130 @@
-"""The Grain pipeline: a source, batched, each host reading only its own slice.
+"""The Grain input pipeline: documents -> CM3 transform -> packed rows -> per-host batches.
 
-Global batch k is rows [k*B, (k+1)*B) of the source. With P hosts, host h reads the
-contiguous block [k*B + h*B/P, k*B + (h+1)*B/P), so the global array assembled by
-`jax.make_array_from_process_local_data` holds the same rows in the same order for
-any number of hosts. The iterator's state (`get_state`/`set_state`) is checkpointed.
+Two sources feed the same batch schema (cm3jax.data.schema):
+
+* `prepared:DIR` — token documents written by `cm3jax.data.prepare`. Per host:
+  shuffle (reshuffled every epoch, seeded) -> repeat -> this host's documents
+  (`[process_index::process_count]`, so hosts partition the data exactly) -> document
+  layout (caption- or image-first) and the CM3 causal-masked transform, seeded by the
+  document's global index -> first-fit packing into rows of `seq_len` (+1 for the shifted
+  targets) with segment ids and positions -> batches -> optional worker processes.
+* `synthetic` — deterministic packed rows for smoke runs and loop tests; host h reads a
+  contiguous block of each global batch, so any host count sees the same global batch.
+
+The iterator state of either (`get_state`/`set_state`) is saved in every checkpoint, so a
+resumed run continues with exactly the batch it would have seen.
 """
 
 from __future__ import annotations
 
+import os
+
 import grain
 import ml_collections
+import numpy as np
 
 from cm3jax import vocab as vocab_lib
+from cm3jax.data import cm3
+from cm3jax.data.records import ArrayRecordDocuments, split_paths
+from cm3jax.data.schema import FIELDS
 from cm3jax.data.synthetic import SyntheticDocuments
+from cm3jax.errors import UserError
+
+PREPARED = "prepared:"
 
 
-def make_source(config: ml_collections.ConfigDict, split: str):
-    """The random-access source named by `config.data.source`."""
+def prepared_dir(config: ml_collections.ConfigDict) -> str | None:
+    """The prepared-data directory of `config.data.source`, or None for 'synthetic'."""
+    source = config.data.source
+    return source[len(PREPARED):] if source.startswith(PREPARED) else None
+
+
+def check_prepared_vocab(directory: str, vocab: vocab_lib.Vocab) -> None:
+    """Refuses prepared data written in another vocab than the config's."""
+    path = os.path.join(directory, "vocab.json")
+    if not os.path.exists(path):
+        raise UserError(f"config.data.source: {directory} holds no prepared data (no vocab.json); "
+                        "run cm3jax.data.prepare first")
+    vocab.check_same(vocab_lib.Vocab.load(path), what=f"prepared data in {directory}")
+
+
+class DocumentTransform(grain.transforms.RandomMap):
+    """Token record -> CM3 document `{'tokens', 'weights'}` cut to `max_tokens`."""
+
+    def __init__(self, vocab: vocab_lib.Vocab, config: ml_collections.ConfigDict):
+        self.vocab, self.max_tokens = vocab, config.data.seq_len + 1
+        self.image_first_probability = config.data.image_first_probability
+        self.options = cm3.CM3Options(**config.data.cm3.to_dict())
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        image_ids = self.vocab.image_id(record["image"].ravel())
+        image_first = rng.random() < self.image_first_probability
+        document = cm3.make_document(record["text"], image_ids, self.vocab, image_first)
+        tokens, weights = cm3.cm3_transform(document, self.vocab, rng, self.options)
+        return {"tokens": tokens[: self.max_tokens], "weights": weights[: self.max_tokens].astype(np.int32)}
+
+
+class ToSchema(grain.transforms.Map):
+    """A packed row of seq_len + 1 tokens -> the shifted batch schema (picklable for workers)."""
+
+    def __init__(self, vocab: vocab_lib.Vocab):
+        self.vocab = vocab
+
+    def map(self, packed: dict) -> dict:
+        tokens, segments = packed["tokens"], packed["tokens_segment_ids"]
+        # A target counts when it continues the input's document and its CM3 weight is 1.
+        same_document = (segments[:-1] == segments[1:]) & (segments[1:] > 0)
+        row = {
+            "inputs": tokens[:-1],
+            "targets": tokens[1:],
+            "segment_ids": segments[:-1],
+            "positions": packed["tokens_positions"][:-1],
+            "loss_mask": same_document & (packed["weights"][1:] > 0),
+            "token_type": self.vocab.token_type(tokens[1:]),
+        }
+        return {k: np.asarray(row[k], np.int32) for k in FIELDS}
+
+
+def _prepared_dataset(config, directory: str, split: str, process_index: int,
+                      process_count: int) -> grain.IterDataset:
     vocab = vocab_lib.from_config(config.vocab)
-    if config.data.source == "synthetic":
-        return SyntheticDocuments(vocab, config.data.seq_len, config.seed, split)
-    raise ValueError(f"unknown data source {config.data.source!r}")
+    check_prepared_vocab(directory, vocab)
+    paths = split_paths(directory, split)
+    if not paths:
+        raise UserError(f"config.data.source: no '{split}' shards in {directory}")
+    documents = grain.MapDataset.source(ArrayRecordDocuments(paths))
+    if split == "train":
+        documents = documents.shuffle(seed=config.seed)
+    documents = documents.repeat(None)
+    documents = documents.random_map(DocumentTransform(vocab, config), seed=config.seed)
+    documents = documents[process_index::process_count]
+    seq_plus_one = config.data.seq_len + 1
+    rows = grain.experimental.FirstFitPackIterDataset(
+        documents.to_iter_dataset(_read_options(config)),
+        length_struct={"tokens": seq_plus_one, "weights": seq_plus_one},
+        num_packing_bins=config.data.packing_bins,
+        shuffle_bins=False,
+        padding_struct={"tokens": vocab.pad_id, "weights": 0},
+    )
+    return rows.map(ToSchema(vocab))
+
+
+def _read_options(config) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
 
 
 def make_dataset(config: ml_collections.ConfigDict, split: str, process_index: int,
                  process_count: int) -> grain.IterDataset:
     """Per-host batches (dicts of int32 [global_batch / process_count, seq_len])."""
     per_host = config.data.global_batch_size // process_count
-    dataset = grain.MapDataset.source(make_source(config, split))
-    dataset = dataset.batch(per_host, drop_remainder=True)[process_index::process_count]
-    options = grain.ReadOptions(num_threads=config.data.num_threads,
-                                prefetch_buffer_size=config.data.prefetch)
-    return dataset.to_iter_dataset(options)
+    directory = prepared_dir(config)
+    if directory is None:
+        vocab = vocab_lib.from_config(config.vocab)
+        rows = grain.MapDataset.source(SyntheticDocuments(vocab, config.data.seq_len, config.seed, split))
+        batches = rows.batch(per_host, drop_remainder=True)[process_index::process_count]
+        return batches.to_iter_dataset(_read_options(config))
+    batches = _prepared_dataset(config, directory, split, process_index, process_count).batch(
+        per_host, drop_remainder=True)
+    if config.data.num_workers > 0:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return batches

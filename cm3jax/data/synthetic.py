@@ -17,7 +17,7 @@ import numpy as np
 from cm3jax.data.schema import pack_documents
 from cm3jax.vocab import Vocab
 
-SPLIT_SEEDS = {"train": 0, "eval": 1}
+SPLIT_SEEDS = {"train": 0, "validation": 1}
 _STEPS = (1, 2, 3, 5)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -21,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from cm3jax import config as config_lib
 from cm3jax import vocab as vocab_lib
-from cm3jax.data.pipeline import make_dataset
+from cm3jax.data.pipeline import check_prepared_vocab, make_dataset, prepared_dir
 from cm3jax.data.schema import FIELDS
 from cm3jax.models import accounting, logical
 from cm3jax.train import lm, partitioning
@@ -51,13 +52,21 @@ class PreemptionFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+# Files of a prepared data directory that sampling and eval need next to the checkpoints.
+TOKENIZER_FILES = ("tokenizer.model", "image_tokenizer.json")
+
+
 def write_run_files(workdir: str, config: ml_collections.ConfigDict, vocab: vocab_lib.Vocab) -> None:
-    """WORKDIR/config.json and vocab.json, for humans and for sampling/eval jobs."""
+    """WORKDIR/config.json, vocab.json and the data's tokenizers: the workdir is self-contained."""
     if jax.process_index() != 0:
         return
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
     vocab.save(os.path.join(workdir, "vocab.json"))
+    data_dir = prepared_dir(config)
+    for name in TOKENIZER_FILES if data_dir else ():
+        if os.path.exists(os.path.join(data_dir, name)):
+            shutil.copyfile(os.path.join(data_dir, name), os.path.join(workdir, name))
 
 
 def _global_batch(local_batch: dict, sharding) -> dict:
@@ -103,8 +112,8 @@ def compile_steps(config: ml_collections.ConfigDict, mesh, spec: StateSpec):
 
 
 def run_eval(eval_step, params, config, batch_sharding) -> dict:
-    """Mean losses over `config.eval_steps` batches of the eval split (same batches every time)."""
-    dataset = make_dataset(config, "eval", jax.process_index(), jax.process_count())
+    """Mean losses over `config.eval_steps` batches of the validation split (same batches every time)."""
+    dataset = make_dataset(config, "validation", jax.process_index(), jax.process_count())
     totals = None
     for _, local_batch in zip(range(config.eval_steps), dataset):
         sums = eval_step(params, _global_batch(local_batch, batch_sharding))
@@ -117,6 +126,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the run in `workdir` until `config.total_steps`; returns last metrics."""
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     vocab = vocab_lib.from_config(config.vocab)
+    if prepared_dir(config):
+        check_prepared_vocab(prepared_dir(config), vocab)
     os.makedirs(workdir, exist_ok=True)
     write_run_files(workdir, config, vocab)
     mesh = partitioning.make_mesh(mesh_shape)
