@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cm3.whole_image = False  # an image is masked whole or not at all
 
     c.prepare = ml_collections.ConfigDict()  # used by cm3jax.data.prepare only
-    c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})  # split -> source spec
+    c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})  # split -> spec ('' = skip)
     c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})  # 'shapes' sizes
     c.prepare.resolution = 32  # images are resized / centre-cropped to this
     c.prepare.image_tokenizer = "palette"  # 'palette' (colour quantiser) until the VQGAN lands

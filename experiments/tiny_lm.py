@@ -1,33 +1,35 @@
-"""Tiny mixed-modal LM on the synthetic token source: smoke runs, tests and the demo.
+"""Tiny mixed-modal LM on the prepared shapes benchmark: smoke runs and the demo.
 
-    python -m cm3jax.train --config=experiments/tiny_lm.py --workdir=/tmp/tiny \
-        --config.total_steps=40 --config.mesh.fsdp=2 --config.mesh.tensor=2
+    python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir=workdirs/shapes_data
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m cm3jax.train \
+        --config=experiments/tiny_lm.py --workdir=workdirs/tiny \
+        --config.mesh.fsdp=2 --config.mesh.tensor=2
+
+`--config.data.source=synthetic` trains on deterministic synthetic tokens instead (no
+prepare step), as the loop tests do.
 """
 
-from cm3jax.config import base_config
+from cm3jax.config import base_config, use_shapes_benchmark
 
 
 def get_config():
-    """2-layer, d=64 CM3leon-style decoder; trains in seconds on a CPU."""
-    c = base_config()
+    """2-layer, d=64 CM3leon-style decoder over 32x32 shapes scenes; seconds per step on a CPU."""
+    c = use_shapes_benchmark(base_config())
     c.total_steps = 200  # a few hundred steps show the loss falling well below log(vocab)
     c.log_every = 10  # progress line every 10 steps
     c.eval_every = 100  # eval loss twice per default run
     c.eval_steps = 2  # eval batches per pass
 
-    c.vocab.text_size = 200  # tiny text vocab for the synthetic source
-    c.vocab.image_codes = 48  # tiny codebook
-    c.vocab.num_masks = 4  # CM3 sentinels
-
-    c.model.max_len = 128  # position table
+    c.model.max_len = 1152  # position table: one 1024-code image + caption + CM3 sentinels
     c.model.num_layers = 2  # blocks
     c.model.d_model = 64  # width
     c.model.num_heads = 4  # heads of 16
     c.model.dtype = "float32"  # CPU: f32 compute is faster than emulated bf16
     c.model.remat_policy = "none"  # tiny: no memory pressure
 
-    c.data.seq_len = 64  # tokens per row
-    c.data.global_batch_size = 16  # rows per step (divisible by 8 devices)
+    c.data.source = "prepared:workdirs/shapes_data"  # written by experiments/shapes_data.py
+    c.data.seq_len = 1152  # tokens per packed row
+    c.data.global_batch_size = 8  # rows per step (divisible by 8 devices)
 
     c.optim.learning_rate = 3e-3  # high LR for a tiny model
     c.optim.warmup_steps = 10  # short warmup

@@ -17,10 +17,12 @@ resumed run continues with exactly the batch it would have seen.
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
 import ml_collections
+from absl import flags
 import numpy as np
 
 from cm3jax import vocab as vocab_lib
@@ -46,6 +48,16 @@ def check_prepared_vocab(directory: str, vocab: vocab_lib.Vocab) -> None:
         raise UserError(f"config.data.source: {directory} holds no prepared data (no vocab.json); "
                         "run cm3jax.data.prepare first")
     vocab.check_same(vocab_lib.Vocab.load(path), what=f"prepared data in {directory}")
+
+
+def prepared_bad_records(config: ml_collections.ConfigDict) -> int:
+    """Records of the train split that prepare could not read (0 for synthetic data)."""
+    directory = prepared_dir(config)
+    report = os.path.join(directory or "", "prepare_report.json")
+    if directory is None or not os.path.exists(report):
+        return 0
+    with open(report) as f:
+        return int(json.load(f)["splits"].get("train", {}).get("bad_records", 0))
 
 
 class DocumentTransform(grain.transforms.RandomMap):
@@ -126,5 +138,8 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, process_index: i
     batches = _prepared_dataset(config, directory, split, process_index, process_count).batch(
         per_host, drop_remainder=True)
     if config.data.num_workers > 0:
+        # Grain's workers read absl flags; outside an absl app (tests, notebooks) use defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
     return batches

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from cm3jax import config as config_lib
 from cm3jax import vocab as vocab_lib
-from cm3jax.data.pipeline import check_prepared_vocab, make_dataset, prepared_dir
+from cm3jax.data.pipeline import check_prepared_vocab, make_dataset, prepared_bad_records, prepared_dir
 from cm3jax.data.schema import FIELDS
 from cm3jax.models import accounting, logical
 from cm3jax.train import lm, partitioning
@@ -145,6 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  flops_per_token, peak)
 
     data_iterator = iter(make_dataset(config, "train", jax.process_index(), jax.process_count()))
+    bad_records = prepared_bad_records(config)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     meta = make_meta(config, vocab, spec.model_config.vocab_size)
@@ -186,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for row in rows:
                 metrics_lib.check_finite(row["step"], row, last_saved)
                 row.update(tokens_per_sec=tokens_per_sec, mfu=tokens_per_sec * flops_per_token / peak,
-                           bad_records=0, data_wait_fraction=data_wait / elapsed)
+                           bad_records=bad_records, data_wait_fraction=data_wait / elapsed)
             if evaluate:
                 rows[-1].update(run_eval(eval_step, state["params"], config, batch_sharding))
             writer.write(rows)

@@ -1,0 +1,121 @@
+"""cm3jax.data.prepare: bad records counted and named, atomic resumable shards, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+from cm3jax.data import records
+from cm3jax.data.prepare import prepare
+from cm3jax.tokenizers.palette import PaletteTokenizer
+from cm3jax.tokenizers.text import TextTokenizer
+from cm3jax.vocab import Vocab
+
+SHAPES_DATA = str(REPO_ROOT / "experiments" / "shapes_data.py")
+
+
+def _prepare_cli(workdir, *overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "cm3jax.data.prepare", f"--config={SHAPES_DATA}", f"--workdir={workdir}",
+         *overrides],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+    """3 good images, a truncated JPEG, a zero-byte file, a text file named .png, a Latin-1 caption."""
+    folder = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)).save(folder / f"good{i}.jpg")
+        lines.append(json.dumps({"image": f"good{i}.jpg", "caption": f"a good picture number {i}"}).encode())
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(folder / "full.jpg")
+    (folder / "truncated.jpg").write_bytes((folder / "full.jpg").read_bytes()[:300])
+    (folder / "full.jpg").unlink()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not an image")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(folder / "latin.png")
+    for name in ("truncated.jpg", "empty.png", "notes.png"):
+        lines.append(json.dumps({"image": name, "caption": "a caption"}).encode())
+    lines.append(b'{"image": "latin.png", "caption": "caf\xe9 au lait"}')  # Latin-1, not UTF-8
+    (folder / "captions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return folder
+
+
+def test_messy_folder_writes_good_records_and_names_the_bad(messy_folder, tmp_path):
+    workdir = tmp_path / "prepared"
+    result = _prepare_cli(workdir, f"--config.prepare.sources.train=folder:{messy_folder}",
+                          "--config.prepare.sources.validation=", "--config.data.max_bad_fraction=0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / "prepare_report.json").read_text())["splits"]["train"]
+    assert (report["records_read"], report["records_written"], report["bad_records"]) == (7, 3, 4)
+    named = " ".join(report["bad_examples"])
+    for name in ("truncated.jpg", "empty.png", "notes.png", "latin.png"):
+        assert name in named and name in result.stdout
+    documents = records.ArrayRecordDocuments(records.split_paths(str(workdir), "train"))
+    assert len(documents) == 3
+    text = TextTokenizer.load(str(workdir / "tokenizer.model"))
+    captions = sorted(text.decode(documents[i]["text"]) for i in range(3))
+    assert captions == [f"a good picture number {i}" for i in range(3)]
+    assert documents[0]["image"].shape == (32, 32)
+
+
+def test_too_many_bad_records_stop_with_the_first_bad_files(messy_folder, tmp_path):
+    result = _prepare_cli(tmp_path / "prepared", f"--config.prepare.sources.train=folder:{messy_folder}",
+                          "--config.prepare.sources.validation=")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: train: 4 of 7 records could not be read") and "max_bad_fraction" in line
+    assert "truncated.jpg" in line and "Traceback" not in result.stderr
+
+
+def _shapes_config(train=300, validation=40, per_shard=100):
+    from conftest import _load_experiment
+
+    config = _load_experiment(REPO_ROOT / "experiments" / "shapes_data.py").get_config()
+    config.prepare.shapes_records.train = train
+    config.prepare.shapes_records.validation = validation
+    config.prepare.records_per_shard = per_shard
+    config.prepare.num_workers = 2
+    return config
+
+
+def test_shapes_prepare_is_exact_and_resumes_only_missing_shards(tmp_path):
+    from cm3jax.data import shapes
+
+    config = _shapes_config()
+    workdir = tmp_path / "shapes"
+    report = prepare(config, str(workdir))
+    assert report["splits"]["train"]["records_written"] == 300
+    assert report["splits"]["train"]["shards"] == 3 and report["splits"]["validation"]["shards"] == 1
+    assert report["splits"]["train"]["image_tokens"] == 300 * 1024
+
+    # Palette codes decode back to the exact render; captions round-trip through BPE.
+    image = PaletteTokenizer.from_json((workdir / "image_tokenizer.json").read_text())
+    text = TextTokenizer.load(str(workdir / "tokenizer.model"))
+    documents = records.ArrayRecordDocuments(records.split_paths(str(workdir), "train"))
+    source = shapes.ShapesSource(300, split="train", seed=config.seed)
+    for i in (0, 150, 299):
+        record = source[i]
+        np.testing.assert_array_equal(image.decode(documents[i]["image"]), record["image"])
+        assert text.decode(documents[i]["text"]) == record["text"]
+    assert Vocab.load(str(workdir / "vocab.json")).image_codes >= image.codebook_size
+
+    # Kill -9 during a shard leaves only a .tmp file and no shard report: a re-run redoes
+    # exactly that shard and leaves the finished ones alone.
+    finished = {p: p.stat().st_mtime_ns for p in workdir.glob("*.array_record")}
+    middle = workdir / records.shard_name("train", 1, 3)
+    middle.rename(str(middle) + ".tmp")
+    (workdir / ".shard_reports" / (middle.name + ".json")).unlink()
+    again = prepare(config, str(workdir))
+    assert again["splits"] == report["splits"]
+    for path, mtime in finished.items():
+        assert (path.stat().st_mtime_ns == mtime) == (path != middle), path
