@@ -126,14 +126,12 @@ def span_regions(doc, vocab: Vocab) -> list[tuple[int, int]]:
     region contains a special token (`<break>`, `<eos>`, `<doc>`, `<pad>`, sentinels).
     """
     doc = _as_ids(doc, vocab, "doc")
+    if doc.size == 0:
+        return []
     kind = np.where(doc < vocab.image_offset, 0, np.where(doc < vocab.special_offset, 1, 2))
-    regions, start = [], 0
-    for j in range(1, len(doc) + 1):
-        if j == len(doc) or kind[j] != kind[start]:
-            if kind[start] != 2:
-                regions.append((start, j))
-            start = j
-    return regions
+    starts = np.flatnonzero(np.diff(kind, prepend=-1))
+    ends = np.append(starts[1:], len(doc))
+    return [(int(s), int(e)) for s, e in zip(starts, ends) if kind[s] != 2]
 
 
 def _is_image(doc: np.ndarray, region: tuple[int, int], vocab: Vocab) -> bool:
