@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_first_probability = 0.5  # documents laid out image-first (image-to-text) vs caption-first
     c.data.retrieved_in_loss = True  # retrieved documents' tokens are trained on (CM3leon) or not (RA-CM3)
     c.data.max_bad_fraction = 0.01  # prepare stops when more records than this cannot be read
+    c.data.prepare_if_missing = False  # train runs cm3jax.data.prepare first when 'prepared:DIR' is empty
     c.data.cm3 = ml_collections.ConfigDict()
     c.data.cm3.mask_probability = 1.0  # fraction of documents given the causal-masked transform
     c.data.cm3.mask_rate = 1.0  # Poisson mean of the number of masked spans (CM3)

@@ -5,8 +5,9 @@
         --config=experiments/tiny_lm.py --workdir=workdirs/tiny \
         --config.mesh.fsdp=2 --config.mesh.tensor=2
 
-`--config.data.source=synthetic` trains on deterministic synthetic tokens instead (no
-prepare step), as the loop tests do.
+The first run prepares workdirs/shapes_data itself if it is missing
+(`data.prepare_if_missing`). `--config.data.source=synthetic` trains on deterministic
+synthetic tokens instead (no prepare step), as the loop tests do.
 """
 
 from cm3jax.config import base_config, use_shapes_benchmark
@@ -28,6 +29,7 @@ def get_config():
     c.model.remat_policy = "none"  # tiny: no memory pressure
 
     c.data.source = "prepared:workdirs/shapes_data"  # written by experiments/shapes_data.py
+    c.data.prepare_if_missing = True  # a fresh clone prepares the shapes set (~20 s) on first use
     c.data.seq_len = 1152  # tokens per packed row
     c.data.global_batch_size = 8  # rows per step (divisible by 8 devices)
 

@@ -119,3 +119,16 @@ def test_shapes_prepare_is_exact_and_resumes_only_missing_shards(tmp_path):
     assert again["splits"] == report["splits"]
     for path, mtime in finished.items():
         assert (path.stat().st_mtime_ns == mtime) == (path != middle), path
+
+
+def test_train_prepares_missing_data_only_when_asked(tmp_path):
+    from cm3jax.train.loop import ensure_prepared
+
+    config = _shapes_config(train=40, validation=8, per_shard=20)
+    config.data.source = f"prepared:{tmp_path / 'auto'}"
+    ensure_prepared(config)  # prepare_if_missing defaults to False: nothing happens
+    assert not (tmp_path / "auto").exists()
+    config.data.prepare_if_missing = True
+    ensure_prepared(config)
+    report = json.loads((tmp_path / "auto" / "prepare_report.json").read_text())
+    assert report["splits"]["train"]["records_written"] == 40

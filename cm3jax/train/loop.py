@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from cm3jax import config as config_lib
 from cm3jax import vocab as vocab_lib
 from cm3jax.data.pipeline import check_prepared_vocab, make_dataset, prepared_bad_records, prepared_dir
+from cm3jax.data.prepare import prepare
 from cm3jax.data.schema import FIELDS
 from cm3jax.models import accounting, logical
 from cm3jax.train import lm, partitioning
@@ -67,6 +68,17 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, vocab: voca
     for name in TOKENIZER_FILES if data_dir else ():
         if os.path.exists(os.path.join(data_dir, name)):
             shutil.copyfile(os.path.join(data_dir, name), os.path.join(workdir, name))
+
+
+def ensure_prepared(config: ml_collections.ConfigDict) -> None:
+    """Runs cm3jax.data.prepare into an empty 'prepared:DIR' when the config asks for it."""
+    directory = prepared_dir(config)
+    if not config.data.prepare_if_missing or os.path.exists(os.path.join(directory, "prepare_report.json")):
+        return
+    if jax.process_index() == 0:
+        logging.info("preparing %s first (data.prepare_if_missing)", directory)
+        prepare(config, directory)
+    multihost_utils.sync_global_devices("cm3jax: prepared data ready")
 
 
 def _global_batch(local_batch: dict, sharding) -> dict:
@@ -127,6 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     vocab = vocab_lib.from_config(config.vocab)
     if prepared_dir(config):
+        ensure_prepared(config)
         check_prepared_vocab(prepared_dir(config), vocab)
     os.makedirs(workdir, exist_ok=True)
     write_run_files(workdir, config, vocab)
