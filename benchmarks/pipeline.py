@@ -19,7 +19,7 @@
    (alternating the order). tokens/s = batches x global_batch_size x seq_len / seconds
    (every slot of a packed row, padding included; the real-token fraction is reported).
    worker scaling = tokens/s(2 workers) / tokens/s(1 worker).
-3. Train step: the real tiny_lm step from `cm3jax.train.loop.compile_steps` on every device
+3. Train step: the real tiny_lm step (`cm3jax.train.tasks.create(...).compile()`) on every device
    the process has (mesh from `cm3jax.config.validate`: with >= 8 devices the demo's
    fsdp=2, tensor=2, data=rest, else fsdp=tensor=1; `--fsdp/--tensor` override), fed one
    fixed pipeline batch as global arrays (`make_array_from_process_local_data` on the batch
@@ -204,9 +204,7 @@ def make_train_step(config, args, local_batch: dict):
 
     from cm3jax import config as config_lib
     from cm3jax.models import accounting
-    from cm3jax.train import partitioning
-    from cm3jax.train.loop import _global_batch, compile_steps
-    from cm3jax.train.state import build_state_spec
+    from cm3jax.train import partitioning, tasks
 
     demo_mesh = jax.device_count() >= 8
     config.mesh.fsdp = args.fsdp or (2 if demo_mesh else 1)
@@ -214,12 +212,12 @@ def make_train_step(config, args, local_batch: dict):
     config.mesh.data = -1
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = partitioning.make_mesh(mesh_shape)
-    spec = build_state_spec(config, mesh)
+    task = tasks.create(config, mesh)
+    spec = task.spec
     start = time.perf_counter()
-    train_step, _ = compile_steps(config, mesh, spec)
+    train_step, _ = task.compile()
     compile_s = time.perf_counter() - start
-    sharding = partitioning.batch_sharding(mesh)
-    fixed = _global_batch(local_batch, sharding)
+    fixed = task.global_batch(local_batch)
     holder = {"state": spec.init()}
 
     def run(batch=None) -> float:
@@ -229,7 +227,7 @@ def make_train_step(config, args, local_batch: dict):
         return float(metrics["loss"])
 
     info = {
-        "compile_s": compile_s, "mesh": mesh_shape, "sharding": sharding,
+        "compile_s": compile_s, "mesh": mesh_shape, "task": task,
         "params": accounting.param_count(spec.abstract["params"]),
         "flops_per_token": accounting.flops_per_token(spec.model_config, config.data.seq_len),
     }
@@ -247,19 +245,18 @@ def time_train_step(run, steps: int) -> dict:
             "loss": [losses[0], losses[-1]]}
 
 
-def end_to_end(config, args, run, sharding) -> dict:
+def end_to_end(config, args, run, task) -> dict:
     """The loop's pattern: next(iterator) -> global arrays -> step, pipeline running alongside."""
     from cm3jax.data.pipeline import make_dataset
-    from cm3jax.train.loop import _global_batch
 
     iterator = iter(make_dataset(config, "train", 0, 1))
     try:
-        run(_global_batch(next(iterator), sharding))  # starts the pipeline's threads
+        run(task.global_batch(next(iterator)))  # starts the pipeline's threads
         wait = 0.0
         start = time.perf_counter()
         for _ in range(args.e2e_steps):
             t0 = time.perf_counter()
-            batch = _global_batch(next(iterator), sharding)
+            batch = task.global_batch(next(iterator))
             wait += time.perf_counter() - t0
             run(batch)
         elapsed = time.perf_counter() - start
@@ -313,7 +310,7 @@ def run_benchmark(args, data_dir: str) -> dict:
     # 3. Both together, as the loop runs them.
     e2e = None
     if args.e2e_steps > 0:
-        e2e = end_to_end(demo_config(data_dir), args, run, info["sharding"])
+        e2e = end_to_end(demo_config(data_dir), args, run, info["task"])
         print(f"end to end ({args.e2e_steps} steps, pipeline {demo_name} alongside): "
               f"{e2e['tokens_per_sec']:,.0f} tok/s, data wait "
               f"{100 * e2e['data_wait_fraction']:.1f}% "

@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --layers 2 --d-model 256 --heads 4 --seq 128 --batch 4 --steps 3   # quick (~30 s)
 
 Both sides train the same shapes (layers, d_model, heads, ffn, vocab, batch, seq) in
-float32 on all host cores: cm3jax runs the jitted train step from `compile_steps` on
+float32 on all host cores: cm3jax runs the jitted train step of the 'lm' task (`tasks.create(...).compile()`) on
 ONE CPU device (mesh data=1, whatever XLA_FLAGS says about fake devices); PyTorch runs
 `OPTForCausalLM` (GELU, no dropout, pre-LayerNorm, tied embeddings) with the same loss
 (mean token cross-entropy) and the same optimizer (global-norm clip 1.0, then AdamW
@@ -102,16 +102,15 @@ def make_cm3jax_step(args, config, tokens: np.ndarray):
 
     from cm3jax import config as config_lib
     from cm3jax.models import accounting
-    from cm3jax.train import partitioning
-    from cm3jax.train.loop import compile_steps
-    from cm3jax.train.state import build_state_spec
+    from cm3jax.train import partitioning, tasks
 
     devices = jax.devices()[:1]  # one device, even under --xla_force_host_platform_device_count
     mesh_shape = config_lib.validate(config, len(devices))
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
-    spec = build_state_spec(config, mesh)
+    task = tasks.create(config, mesh)
+    spec = task.spec
     start = time.perf_counter()
-    train_step, _ = compile_steps(config, mesh, spec)
+    train_step, _ = task.compile()
     compile_s = time.perf_counter() - start
 
     b, l = args.batch, args.seq

@@ -8,24 +8,21 @@ import pytest
 
 import train_cli as cli
 from conftest import tiny_config
-from cm3jax import vocab as vocab_lib
 from cm3jax.config import validate
 from cm3jax.data.pipeline import make_dataset
 from cm3jax.train import partitioning
-from cm3jax.train.checkpoint import CheckpointMismatchError, Checkpointer, make_meta
-from cm3jax.train.state import build_state_spec
+from cm3jax.train import tasks
+from cm3jax.train.checkpoint import CheckpointMismatchError, Checkpointer
 
 
-def _spec(config):
-    mesh = partitioning.make_mesh(validate(config, jax.device_count()))
-    return build_state_spec(config, mesh)
+def _task(config):
+    return tasks.create(config, partitioning.make_mesh(validate(config, jax.device_count())))
 
 
 def test_round_trip_restores_state_and_iterator_onto_another_mesh(tmp_path):
     saved_config = tiny_config({"mesh.fsdp": 4, "mesh.tensor": 1})
-    vocab = vocab_lib.from_config(saved_config.vocab)
-    spec = _spec(saved_config)
-    state = spec.init()
+    saved_task = _task(saved_config)
+    state = saved_task.spec.init()
     iterator = iter(make_dataset(saved_config, "train", 0, 1))
     for _ in range(3):
         next(iterator)
@@ -33,15 +30,16 @@ def test_round_trip_restores_state_and_iterator_onto_another_mesh(tmp_path):
     expected_next = [next(reference) for _ in range(4)][-1]
 
     checkpointer = Checkpointer(str(tmp_path), saved_config.checkpoint)
-    checkpointer.save(3, state, iterator, make_meta(saved_config, vocab, spec.model_config.vocab_size))
+    checkpointer.save(3, state, iterator, saved_task.meta())
     checkpointer.close()
 
     new_config = tiny_config({"mesh.fsdp": 2, "mesh.tensor": 2})
-    new_spec = _spec(new_config)
+    new_task = _task(new_config)
+    new_spec = new_task.spec
     new_iterator = iter(make_dataset(new_config, "train", 0, 1))
     restorer = Checkpointer(str(tmp_path), new_config.checkpoint)
     assert restorer.latest_step() == 3
-    restored = restorer.restore(3, new_spec.abstract, new_iterator, new_config, vocab)
+    restored = restorer.restore(3, new_spec.abstract, new_iterator, new_task.meta())
     restorer.close()
 
     for old, new, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(restored),
@@ -57,17 +55,15 @@ def test_round_trip_restores_state_and_iterator_onto_another_mesh(tmp_path):
 
 def test_restore_refuses_another_model_shape(tmp_path):
     config = tiny_config()
-    vocab = vocab_lib.from_config(config.vocab)
-    spec = _spec(config)
+    task = _task(config)
     checkpointer = Checkpointer(str(tmp_path), config.checkpoint)
-    checkpointer.save(1, spec.init(), iter(make_dataset(config, "train", 0, 1)),
-                      make_meta(config, vocab, spec.model_config.vocab_size))
+    checkpointer.save(1, task.spec.init(), iter(make_dataset(config, "train", 0, 1)), task.meta())
     checkpointer.close()
 
-    wider = tiny_config({"model.d_model": 128})
+    wider = _task(tiny_config({"model.d_model": 128}))
     with pytest.raises(CheckpointMismatchError, match=r"model.d_model: 64 in checkpoint vs 128 here"):
-        Checkpointer(str(tmp_path), wider.checkpoint).restore(
-            1, _spec(wider).abstract, iter(make_dataset(wider, "train", 0, 1)), wider, vocab)
+        Checkpointer(str(tmp_path), wider.config.checkpoint).restore(
+            1, wider.spec.abstract, iter(make_dataset(wider.config, "train", 0, 1)), wider.meta())
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cm3jax import config as config_lib
 from cm3jax.data.pipeline import make_dataset
 from cm3jax.models import transformer
-from cm3jax.train import loop, partitioning
+from cm3jax.train import partitioning, tasks
 from cm3jax.train import state as state_lib
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
@@ -235,13 +235,13 @@ def test_batch_sharding_splits_over_data_and_fsdp(mesh):
 # --- gradient accumulation --------------------------------------------------------------------
 
 
-def _train_one_step(accum_steps: int, spec, mesh, batch_np):
+def _train_one_step(accum_steps: int, mesh, batch_np):
     # warmup 0: the first step has the peak learning rate, so the update is not trivially zero.
     config = tiny_config(MESH | {"optim.grad_accum_steps": accum_steps, "optim.warmup_steps": 0})
-    train_step, _ = loop.compile_steps(config, mesh, spec)
-    sharding = partitioning.batch_sharding(mesh)
-    batch = {k: jax.device_put(v, sharding) for k, v in batch_np.items()}
-    state = spec.init()  # fresh: the compiled step donates its state argument
+    task = tasks.create(config, mesh)
+    train_step, _ = task.compile()
+    batch = task.global_batch(batch_np)
+    state = task.spec.init()  # fresh: the compiled step donates its state argument
     new_state, metrics = train_step(state, batch)
     return jax.device_get(new_state), jax.device_get(metrics)
 
@@ -252,7 +252,7 @@ def accumulation_results(mesh):
     spec = state_lib.build_state_spec(config, mesh)
     batch = dict(next(iter(make_dataset(config, "train", 0, 1))))
     initial = jax.device_get(spec.init()["params"])
-    return initial, {accum: _train_one_step(accum, spec, mesh, batch) for accum in (1, 2)}
+    return initial, {accum: _train_one_step(accum, mesh, batch) for accum in (1, 2)}
 
 
 def test_grad_accumulation_matches_single_step(accumulation_results):

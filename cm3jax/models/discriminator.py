@@ -22,20 +22,22 @@ def _normal(mean: float, std: float) -> nnx.Initializer:
 
 
 class PatchDiscriminator(nnx.Module):
-    """Images [B, R, R, C] in [-1, 1] -> patch logits [B, R/2^n - 2, R/2^n - 2] (n = disc_layers)."""
+    """Images [B, R, R, C] in [-1, 1] -> patch logits [B, s, s], s = R / 2^disc_layers - 2."""
 
     def __init__(self, cfg: VQGANConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         ndf, n = cfg.disc_channels, cfg.disc_layers
         init, norm_init = _normal(0.0, 0.02), _normal(1.0, 0.02)
         use_norm = cfg.disc_norm == "group"
-        convs, norms = [Conv(cfg, rngs, cfg.in_channels, ndf, kernel=4, stride=2, padding=1, init=init)], [None]
+        convs = [Conv(cfg, rngs, cfg.in_channels, ndf, kernel=4, stride=2, padding=1, init=init)]
+        norms = [None]
         mult = 1
         for i in range(1, n + 1):
             previous, mult = mult, min(2**i, 8)
-            convs.append(Conv(cfg, rngs, ndf * previous, ndf * mult, kernel=4, stride=2 if i < n else 1,
-                              padding=1, bias=not use_norm, init=init))
-            norms.append(GroupNorm(cfg, rngs, ndf * mult, eps=1e-5, scale_init=norm_init) if use_norm else None)
+            convs.append(Conv(cfg, rngs, ndf * previous, ndf * mult, kernel=4,
+                              stride=2 if i < n else 1, padding=1, bias=not use_norm, init=init))
+            norms.append(GroupNorm(cfg, rngs, ndf * mult, eps=1e-5, scale_init=norm_init)
+                         if use_norm else None)
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.conv_out = Conv(cfg, rngs, ndf * mult, 1, kernel=4, stride=1, padding=1, init=init)
 

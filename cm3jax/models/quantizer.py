@@ -4,7 +4,7 @@ Taming-transformers' VectorQuantizer plus the options of modern tokenizers, all 
 config (`VQGANConfig`, see cm3jax/models/vqgan.py):
 
 - factorised codes (ViT-VQGAN): latents are projected from `embed_dim` to a small `code_dim`
-  for the lookup and back afterwards (`code_dim == embed_dim` disables both projections);
+  for the lookup and back afterwards (`code_dim` <= 0 or == `embed_dim` disables both);
 - l2-normalised codes: latents and codebook rows are unit vectors, so the nearest code
   by squared L2 is the code of maximum cosine similarity;
 - codebook training either by gradients (codebook loss, weight `codebook_loss_weight`) or by
@@ -18,7 +18,14 @@ State that is not trained by gradients (EMA statistics, the usage counter and, w
 and `restart_dead_codes` update them by mutation, NNX style. Under `jax.jit`, split the
 model with `nnx.split(model, nnx.Param, CodebookStats)`, merge inside the jitted function,
 and return `nnx.state(model, CodebookStats)` so the caller keeps the updated statistics
-(`nnx.jit` does this automatically).
+(`nnx.jit` does this automatically). Inside `jax.grad`, merge with
+`nnx.merge(graphdef, params, stats, copy=True)`: NNX refuses to mutate a variable created
+at an outer trace level. `restart_dead_codes` also writes the codebook, which is an
+`nnx.Param` unless `ema`, so return both states from a jitted restart.
+
+The usage counter is an EMA (decay `usage_decay`) of per-step assignment counts, starting
+at 0: call `restart_dead_codes` every ~1 / (1 - usage_decay) steps, not every step (a
+restart before the first training step seeds the whole codebook from data).
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ class VectorQuantizer(nnx.Module):
 
     def __init__(self, cfg: "VQGANConfig", rngs: nnx.Rngs):
         self.cfg = cfg
-        k, d, e = cfg.codebook_size, cfg.code_dim, cfg.embed_dim
+        k, d, e = cfg.codebook_size, cfg.lookup_dim, cfg.embed_dim
         dtype = jnp.dtype(cfg.param_dtype)
         # taming: uniform(-1/K, 1/K); l2-normalised codes are rescaled by the lookup anyway.
         init = jax.random.uniform(rngs.params(), (k, d), dtype, -1.0 / k, 1.0 / k)
@@ -113,7 +120,8 @@ class VectorQuantizer(nnx.Module):
         self.codebook = kind(init, out_sharding=CODEBOOK_NAMES)
         self.usage = CodebookStats(jnp.zeros((k,), jnp.float32), out_sharding=CODEBOOK_NAMES[:1])
         if cfg.ema:
-            self.cluster_size = CodebookStats(jnp.ones((k,), jnp.float32), out_sharding=CODEBOOK_NAMES[:1])
+            self.cluster_size = CodebookStats(jnp.ones((k,), jnp.float32),
+                                              out_sharding=CODEBOOK_NAMES[:1])
             self.embed_sum = CodebookStats(init.astype(jnp.float32), out_sharding=CODEBOOK_NAMES)
         else:
             self.cluster_size = self.embed_sum = None
@@ -147,19 +155,19 @@ class VectorQuantizer(nnx.Module):
 
     def lookup(self, z: jax.Array) -> jax.Array:
         """Codes [...] int32 of latents [..., embed_dim] (no state change)."""
-        flat = self.project(z).reshape(-1, self.cfg.code_dim)
+        flat = self.project(z).reshape(-1, self.cfg.lookup_dim)
         return nearest_codes(flat, self.codebook_vectors()).reshape(z.shape[:-1])
 
     def embed_codes(self, codes: jax.Array) -> jax.Array:
-        """Codes [...] -> quantised latents [..., embed_dim] float32 (the decoder's input)."""
-        return self.unproject(jnp.take(self.codebook_vectors(), codes, axis=0))
+        """Codes [...] -> quantised latents [..., embed_dim] float32 (out-of-range codes clip)."""
+        return self.unproject(jnp.take(self.codebook_vectors(), codes, axis=0, mode="clip"))
 
     def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
         """Quantises latents z [..., embed_dim]; with `train`, updates usage (and EMA) stats."""
         cfg = self.cfg
         latents = z.astype(jnp.float32)
         zc = self.project(latents)
-        flat = zc.reshape(-1, cfg.code_dim)
+        flat = zc.reshape(-1, cfg.lookup_dim)
         codebook = self.codebook_vectors()
         codes = nearest_codes(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(codebook))
         q = jnp.take(codebook, codes, axis=0).reshape(zc.shape)
@@ -172,9 +180,9 @@ class VectorQuantizer(nnx.Module):
         counts, perplexity, usage = code_histogram(codes, cfg.codebook_size)
         if train:
             self._update_stats(jax.lax.stop_gradient(flat), codes, counts)
-        return QuantizerOutput(quantized=quantized, codes=codes.reshape(zc.shape[:-1]), latents=latents,
-                               loss=loss, commitment_loss=commitment, codebook_loss=codebook_loss,
-                               perplexity=perplexity, usage=usage)
+        return QuantizerOutput(quantized=quantized, codes=codes.reshape(zc.shape[:-1]),
+                               latents=latents, loss=loss, commitment_loss=commitment,
+                               codebook_loss=codebook_loss, perplexity=perplexity, usage=usage)
 
     def _update_stats(self, flat: jax.Array, codes: jax.Array, counts: jax.Array) -> None:
         """Usage EMA always; with ema, VQ-VAE-2 cluster-size / sum EMAs and the codebook."""

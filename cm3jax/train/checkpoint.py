@@ -17,14 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cm3jax.config import model_vocab_size
 from cm3jax.errors import UserError
 from cm3jax.vocab import Vocab
-
-# Fields of config.model that fix parameter shapes: a checkpoint with other values cannot
-# be restored into this model, whatever the mesh.
-SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "max_len", "activation",
-                "position", "norm", "norm_params", "qk_norm", "tie_embeddings", "vocab_size")
 
 
 class CheckpointMismatchError(UserError):
@@ -71,14 +65,14 @@ class Checkpointer:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iterator, config, vocab: Vocab) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iterator, meta: dict) -> Any:
         """Restores step `step` into `abstract_state`'s shardings and `data_iterator` in place.
 
         Raises:
-          CheckpointMismatchError: if the checkpoint's vocab or model shapes differ from ours.
+          CheckpointMismatchError: if the checkpoint's vocab or model shapes differ from `meta`'s.
         """
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        check_compatible(meta, config, vocab, os.path.join(self.directory, str(step)))
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_compatible(saved, meta, os.path.join(self.directory, str(step)))
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -97,24 +91,26 @@ class Checkpointer:
         self.manager.close()
 
 
-def make_meta(config: ml_collections.ConfigDict, vocab: Vocab, model_vocab_size: int) -> dict:
-    """The JSON item saved with every checkpoint."""
-    model = config.model.to_dict() | {"vocab_size": model_vocab_size}
-    return {"config": config.to_dict() | {"model": model}, "vocab": vocab.to_dict()}
+def make_meta(config: ml_collections.ConfigDict, vocab: Vocab, shapes: dict) -> dict:
+    """The JSON item saved with every checkpoint.
+
+    Args:
+      shapes: the config values that fix parameter shapes (from the task), e.g.
+        {"model.d_model": 1024, ...}; a checkpoint whose values differ cannot be restored.
+    """
+    return {"config": config.to_dict(), "vocab": vocab.to_dict(), "shapes": shapes}
 
 
-def check_compatible(meta: dict, config, vocab: Vocab, where: str) -> None:
+def check_compatible(saved: dict, current: dict, where: str) -> None:
     """Raises CheckpointMismatchError naming what differs between a checkpoint and this run."""
     try:
-        vocab.check_same(Vocab.from_dict(meta["vocab"]), what=f"checkpoint {where}")
+        Vocab.from_dict(current["vocab"]).check_same(Vocab.from_dict(saved["vocab"]), what=f"checkpoint {where}")
     except UserError as e:
         raise CheckpointMismatchError(str(e)) from None
-    saved_model = meta["config"]["model"]
-    ours = make_meta(config, vocab, model_vocab_size(config))["config"]["model"]
     diffs = [
-        f"model.{k}: {saved_model.get(k)} in checkpoint vs {ours[k]} here"
-        for k in SHAPE_FIELDS
-        if saved_model.get(k) != ours[k]
+        f"{k}: {saved['shapes'].get(k)} in checkpoint vs {v} here"
+        for k, v in current["shapes"].items()
+        if saved["shapes"].get(k) != v
     ]
     if diffs:
         raise CheckpointMismatchError(f"checkpoint {where} has another model shape: " + "; ".join(diffs))

@@ -1,4 +1,4 @@
-"""The language-model task: token loss split by modality, the train step and the eval step.
+"""The language-model task ('lm'): token loss split by modality, train and eval steps, LMTask.
 
 The objective of a step is the mean next-token loss over every unmasked target token
 of the global batch. With gradient accumulation the batch is split into microbatches
@@ -16,8 +16,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cm3jax.train import partitioning
-from cm3jax.train.state import StateSpec, TrainState
+from cm3jax.data.pipeline import make_dataset, prepared_bad_records
+from cm3jax.data.schema import FIELDS
+from cm3jax.models import accounting
+from cm3jax.train import partitioning, tasks
+from cm3jax.train.metrics import to_host
+from cm3jax.train.optim import learning_rate_schedule
+from cm3jax.train.state import StateSpec, TrainState, build_state_spec, schedule_steps
 from cm3jax.vocab import IMAGE
 
 Batch = dict[str, jax.Array]
@@ -103,9 +108,56 @@ def make_train_step(spec: StateSpec, accum_steps: int, mesh, schedule: optax.Sch
 
 
 def make_eval_step(spec: StateSpec):
-    """Returns `eval_step(params, batch) -> loss sums` (not yet jitted)."""
+    """Returns `eval_step(state, batch) -> loss sums` (not yet jitted)."""
 
-    def eval_step(params: dict, batch: Batch) -> dict:
-        return loss_sums(params, spec.graphdef, batch)[1]
+    def eval_step(state: TrainState, batch: Batch) -> dict:
+        return loss_sums(state["params"], spec.graphdef, batch)[1]
 
     return eval_step
+
+
+# Resolved architecture fields that fix parameter shapes (checked on restore).
+SHAPE_FIELDS = ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim",
+                "activation", "position", "norm", "norm_params", "qk_norm", "tie_embeddings")
+
+
+@tasks.register("lm")
+class LMTask(tasks.Task):
+    """Next-token (CM3) training of the mixed-modal transformer on packed token rows."""
+
+    unit = "tokens"
+
+    def state_spec(self) -> StateSpec:
+        return build_state_spec(self.config, self.mesh)
+
+    def train_step(self):
+        schedule = learning_rate_schedule(self.config.optim, schedule_steps(self.config))
+        return make_train_step(self.spec, self.config.optim.grad_accum_steps, self.mesh, schedule)
+
+    def eval_step(self):
+        return make_eval_step(self.spec)
+
+    def eval_metrics(self, sums: dict) -> dict:
+        return {k: v for k, v in to_host(means(sums)).items() if k != "tokens"}
+
+    def dataset(self, split: str, process_index: int, process_count: int):
+        return make_dataset(self.config, split, process_index, process_count)
+
+    def batch_shapes(self) -> dict:
+        shape = (self.config.data.global_batch_size, self.config.data.seq_len)
+        return {k: (shape, jnp.int32) for k in FIELDS}
+
+    def units_per_step(self) -> int:
+        return self.config.data.global_batch_size * self.config.data.seq_len
+
+    def flops_per_unit(self) -> float:
+        return accounting.flops_per_token(self.spec.model_config, self.config.data.seq_len)
+
+    def shapes(self) -> dict:
+        return {f"model.{k}": getattr(self.spec.model_config, k) for k in SHAPE_FIELDS}
+
+    def progress(self, row: dict) -> str:
+        return f"loss {row['loss']:.4f} (text {row['text_loss']:.4f}, image {row['image_loss']:.4f})"
+
+    def bad_records(self) -> int:
+        return prepared_bad_records(self.config)

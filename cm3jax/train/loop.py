@@ -14,7 +14,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -22,15 +21,12 @@ from jax.experimental import multihost_utils
 
 from cm3jax import config as config_lib
 from cm3jax import vocab as vocab_lib
-from cm3jax.data.pipeline import check_prepared_vocab, make_dataset, prepared_bad_records, prepared_dir
+from cm3jax.data.pipeline import check_prepared_vocab, prepared_dir
 from cm3jax.data.prepare import prepare
-from cm3jax.data.schema import FIELDS
-from cm3jax.models import accounting, logical
-from cm3jax.train import lm, partitioning
+from cm3jax.models import accounting
+from cm3jax.train import partitioning, tasks
 from cm3jax.train import metrics as metrics_lib
-from cm3jax.train.checkpoint import Checkpointer, make_meta
-from cm3jax.train.optim import learning_rate_schedule
-from cm3jax.train.state import StateSpec, build_state_spec, schedule_steps
+from cm3jax.train.checkpoint import Checkpointer
 
 
 class PreemptionFlag:
@@ -81,15 +77,6 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices("cm3jax: prepared data ready")
 
 
-def _global_batch(local_batch: dict, sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k])) for k in FIELDS}
-
-
-def _abstract_batch(config, sharding) -> dict:
-    shape = (config.data.global_batch_size, config.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in FIELDS}
-
-
 def _log_memory(compiled, what: str) -> None:
     analysis = compiled.memory_analysis()
     if analysis is None:
@@ -100,38 +87,6 @@ def _log_memory(compiled, what: str) -> None:
         what, analysis.argument_size_in_bytes * gib, analysis.output_size_in_bytes * gib,
         analysis.temp_size_in_bytes * gib,
     )
-
-
-def compile_steps(config: ml_collections.ConfigDict, mesh, spec: StateSpec):
-    """The jitted train step (compiled ahead of time, state donated) and eval step."""
-    batch_sharding = partitioning.batch_sharding(mesh)
-    replicated = partitioning.replicated(mesh)
-    schedule = learning_rate_schedule(config.optim, schedule_steps(config))
-    with logical.activate(mesh, partitioning.LOGICAL_RULES):
-        train_step = jax.jit(
-            lm.make_train_step(spec, config.optim.grad_accum_steps, mesh, schedule),
-            in_shardings=(spec.shardings, batch_sharding),
-            out_shardings=(spec.shardings, replicated),
-            donate_argnums=0,
-        ).lower(spec.abstract, _abstract_batch(config, batch_sharding)).compile()
-        eval_step = jax.jit(
-            lm.make_eval_step(spec),
-            in_shardings=(spec.shardings["params"], batch_sharding),
-            out_shardings=replicated,
-        ).lower(spec.abstract["params"], _abstract_batch(config, batch_sharding)).compile()
-    _log_memory(train_step, "train step")
-    return train_step, eval_step
-
-
-def run_eval(eval_step, params, config, batch_sharding) -> dict:
-    """Mean losses over `config.eval_steps` batches of the validation split (same batches every time)."""
-    dataset = make_dataset(config, "validation", jax.process_index(), jax.process_count())
-    totals = None
-    for _, local_batch in zip(range(config.eval_steps), dataset):
-        sums = eval_step(params, _global_batch(local_batch, batch_sharding))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    means = metrics_lib.to_host(lm.means(totals))
-    return {f"eval_{k}": v for k, v in means.items() if k != "tokens"}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -147,27 +102,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("mesh %s over %d devices, %d process(es)", mesh_shape, jax.device_count(),
                  jax.process_count())
 
-    spec = build_state_spec(config, mesh)
-    batch_sharding = partitioning.batch_sharding(mesh)
-    train_step, eval_step = compile_steps(config, mesh, spec)
-
-    n_params = accounting.param_count(spec.abstract["params"])
-    flops_per_token = accounting.flops_per_token(spec.model_config, config.data.seq_len)
+    task = tasks.create(config, mesh)
+    train_step, eval_step = task.compile()
+    _log_memory(train_step, "train step")
+    n_params = accounting.param_count(task.spec.abstract["params"])
+    flops_per_unit = task.flops_per_unit()
     peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
-    logging.info("model: %.2fM parameters, %.3g FLOPs/token, peak %.3g FLOP/s", n_params / 1e6,
-                 flops_per_token, peak)
+    logging.info("%s task: %.2fM parameters, %.3g FLOPs/%s, peak %.3g FLOP/s", config.task,
+                 n_params / 1e6, flops_per_unit, task.unit[:-1], peak)
 
-    data_iterator = iter(make_dataset(config, "train", jax.process_index(), jax.process_count()))
-    bad_records = prepared_bad_records(config)
+    data_iterator = iter(task.dataset("train", jax.process_index(), jax.process_count()))
+    bad_records = task.bad_records()
     checkpointer = Checkpointer(workdir, config.checkpoint)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    meta = make_meta(config, vocab, spec.model_config.vocab_size)
+    meta = task.meta()
     latest = checkpointer.latest_step()
     if latest is None:
-        state = spec.init()
+        state = task.spec.init()
     else:
         logging.info("resuming from checkpoint step %d", latest)
-        state = checkpointer.restore(latest, spec.abstract, data_iterator, config, vocab)
+        state = checkpointer.restore(latest, task.spec.abstract, data_iterator, meta)
     # Rows past the restored step belong to steps this run redoes (or to a killed run).
     writer.truncate_after(latest or 0)
     last_saved = latest
@@ -176,11 +130,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = int(state["step"])
     pending: list[tuple[int, dict]] = []
     interval_start, data_wait, last_row = time.perf_counter(), 0.0, {}
-    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    units_per_step, rate_key = task.units_per_step(), f"{task.unit}_per_sec"
     try:
         while step < config.total_steps:
             wait_start = time.perf_counter()
-            batch = _global_batch(next(data_iterator), batch_sharding)
+            batch = task.global_batch(next(data_iterator))
             data_wait += time.perf_counter() - wait_start
             state, step_metrics = train_step(state, batch)
             step += 1
@@ -196,20 +150,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Host sync point: fetch every pending step's metrics, check them, write them.
             rows = [{"step": s} | metrics_lib.to_host(m) for s, m in pending]
             elapsed = time.perf_counter() - interval_start
-            tokens_per_sec = tokens_per_step * len(rows) / elapsed
+            rate = units_per_step * len(rows) / elapsed
             for row in rows:
                 metrics_lib.check_finite(row["step"], row, last_saved)
-                row.update(tokens_per_sec=tokens_per_sec, mfu=tokens_per_sec * flops_per_token / peak,
-                           bad_records=bad_records, data_wait_fraction=data_wait / elapsed)
+                row.update({rate_key: rate, "mfu": rate * flops_per_unit / peak, "bad_records": bad_records,
+                            "data_wait_fraction": data_wait / elapsed})
             if evaluate:
-                rows[-1].update(run_eval(eval_step, state["params"], config, batch_sharding))
+                rows[-1].update(task.evaluate(eval_step, state))
             writer.write(rows)
             last_row = rows[-1]
-            logging.info(
-                "step %d/%d | loss %.4f (text %.4f, image %.4f) | %.0f tok/s | mfu %.1f%% | lr %.3g",
-                step, config.total_steps, last_row["loss"], last_row["text_loss"],
-                last_row["image_loss"], tokens_per_sec, 100 * last_row["mfu"], last_row["lr"],
-            )
+            logging.info("step %d/%d | %s | %.0f %s/s | mfu %.1f%% | lr %.3g", step, config.total_steps,
+                         task.progress(last_row), rate, task.unit, 100 * last_row["mfu"], last_row["lr"])
             pending, data_wait, interval_start = [], 0.0, time.perf_counter()
 
             if save and checkpointer.save(step, state, data_iterator, meta, force=final or stop):
