@@ -15,7 +15,7 @@ import ml_collections
 from cm3jax import vocab as vocab_lib
 from cm3jax.errors import ConfigError
 
-KNOWN_TASKS = ("lm",)
+KNOWN_TASKS = ("lm", "vqgan")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -116,7 +116,7 @@ def test_wrong_image_or_code_shape_raises_with_expected_shape(model_case):
 @pytest.mark.parametrize("changes", [{}, {"ema": True, "code_dim": 4, "disc_norm": "none"}])
 def test_every_variable_has_logical_axis_names(changes):
     cfg = dataclasses.replace(TINY, **changes)
-    rules = LOGICAL_RULES + vqgan.VQGAN_LOGICAL_RULES
+    rules = LOGICAL_RULES
     for module_class in (vqgan.VQGAN, discriminator.PatchDiscriminator):
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: module_class(cfg, rngs=nnx.Rngs(params=0)))

@@ -50,7 +50,7 @@ def image_tokenizer_from_config(prepare: ml_collections.ConfigDict) -> PaletteTo
                             prepare.downsample)
 
 
-def _open(config: ml_collections.ConfigDict, split: str):
+def open_split(config: ml_collections.ConfigDict, split: str):
     p = config.prepare
     return open_source(
         p.sources[split], p.resolution, tfds_data_dir=p.tfds_data_dir or None,
@@ -76,7 +76,7 @@ def text_tokenizer(config: ml_collections.ConfigDict, workdir: str, vocab: vocab
     if os.path.exists(path):
         return TextTokenizer.load(path, vocab)
     tokenizer = TextTokenizer.train(
-        _good_captions(_open(config, "train"), config.prepare.tokenizer_records), vocab.text_size
+        _good_captions(open_split(config, "train"), config.prepare.tokenizer_records), vocab.text_size
     )
     tokenizer.save(path)
     return tokenizer
@@ -85,7 +85,7 @@ def text_tokenizer(config: ml_collections.ConfigDict, workdir: str, vocab: vocab
 def _process_shard(task: dict) -> dict:
     """Worker: tokenizes records [start, stop) of one split into one shard; returns its stats."""
     config = ml_collections.ConfigDict(json.loads(task["config"]))
-    source = _open(config, task["split"])
+    source = open_split(config, task["split"])
     text = TextTokenizer(task["text_tokenizer"])
     image = PaletteTokenizer.from_json(task["image_tokenizer"])
     serialized, bad, text_tokens, image_tokens = [], [], 0, 0
@@ -109,7 +109,7 @@ def _process_shard(task: dict) -> dict:
 
 
 def _shard_tasks(config, workdir: str, split: str, text: TextTokenizer, image: PaletteTokenizer) -> list[dict]:
-    size = len(_open(config, split))
+    size = len(open_split(config, split))
     per_shard = config.prepare.records_per_shard
     count = max(1, math.ceil(size / per_shard))
     os.makedirs(os.path.join(workdir, REPORT_DIR), exist_ok=True)

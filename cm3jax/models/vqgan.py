@@ -7,7 +7,7 @@ the `embed_dim` latent the quantiser (cm3jax/models/quantizer.py) turns into int
 `post_quant_conv` and the decoder map codes back to images (no tanh, like taming).
 
 Conv kernels are (kh, kw, in, out) with logical axis names CONV_KERNEL_NAMES, biases
-('conv_out',), GroupNorm scale / bias ('norm',); `VQGAN_LOGICAL_RULES` proposes the rules.
+('conv_out',), GroupNorm scale / bias ('norm',); cm3jax/train/partitioning.py maps them.
 """
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ from cm3jax.models.layers import make_param
 from cm3jax.models.quantizer import QuantizerOutput, VectorQuantizer
 
 CONV_KERNEL_NAMES = ("conv_height", "conv_width", "conv_in", "conv_out")
-# Proposed additions to train/partitioning.LOGICAL_RULES ('norm' is already there). A VQGAN
-# has ~10^8 parameters at most: replicate, and let data parallelism carry the scale.
-VQGAN_LOGICAL_RULES = (
-    ("conv_height", None),
-    ("conv_width", None),
-    ("conv_in", None),
-    ("conv_out", None),
-    ("codebook", None),
-    ("code_dim", None),
-)
 # Path of the decoder's last conv kernel inside a VQGAN state (taming's adaptive GAN weight).
 LAST_DECODER_LAYER = ("decoder", "conv_out", "kernel")
 

@@ -9,6 +9,7 @@ into the target sharding.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -107,9 +108,10 @@ def check_compatible(saved: dict, current: dict, where: str) -> None:
         Vocab.from_dict(current["vocab"]).check_same(Vocab.from_dict(saved["vocab"]), what=f"checkpoint {where}")
     except UserError as e:
         raise CheckpointMismatchError(str(e)) from None
+    ours = json.loads(json.dumps(current["shapes"]))  # as saved: tuples become lists
     diffs = [
         f"{k}: {saved['shapes'].get(k)} in checkpoint vs {v} here"
-        for k, v in current["shapes"].items()
+        for k, v in ours.items()
         if saved["shapes"].get(k) != v
     ]
     if diffs:

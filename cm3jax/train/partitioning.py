@@ -31,6 +31,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),
     ("max_len", None),
+    # VQGAN / LPIPS convolutions and codebooks: at most ~10^8 parameters, replicated; data
+    # parallelism carries the scale.
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", None),
+    ("codebook", None),
+    ("code_dim", None),
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),

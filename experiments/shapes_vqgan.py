@@ -1,0 +1,52 @@
+"""VQGAN image tokenizer for the shapes benchmark: 32x32 images -> 16x16 codes, CPU-sized.
+
+    python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir=workdirs/shapes_vqgan
+
+Trains on `shapes` scenes rendered on the fly (no prepare step). Then prepare the LM data
+with it: `--config.prepare.image_tokenizer=vqgan:workdirs/shapes_vqgan`.
+"""
+
+from cm3jax.config import base_config, use_shapes_benchmark
+from cm3jax.models.vqgan import base_vqgan_config
+from cm3jax.train.vqgan import base_vqgan_train_config
+
+
+def get_config():
+    """A small f2 VQGAN with a 256-code, l2-normalised, factorised codebook and code restarts."""
+    c = use_shapes_benchmark(base_config())
+    c.task = "vqgan"
+    c.total_steps = 1500  # minutes on a 2-core CPU
+    c.log_every = 50  # progress line
+    c.eval_every = 500  # validation PSNR / codebook usage
+    c.eval_steps = 4  # validation batches
+
+    c.vqgan = base_vqgan_config()
+    c.vqgan.resolution = 32  # shapes render size
+    c.vqgan.base_channels = 32  # first-level channels
+    c.vqgan.channel_multipliers = (1, 2)  # downsample 2: 16x16 = 256 codes per image
+    c.vqgan.num_res_blocks = 1  # per level
+    c.vqgan.attention = False  # no attention needed at 16x16 for flat-coloured shapes
+    c.vqgan.norm_groups = 8  # GroupNorm groups
+    c.vqgan.embed_dim = 32  # latent channels
+    c.vqgan.codebook_size = 256  # codes
+    c.vqgan.code_dim = 8  # factorised lookup (ViT-VQGAN style), better code usage
+    c.vqgan.l2_normalize = True  # cosine lookup
+    c.vqgan.dead_code_threshold = 0.01  # restart codes unused in recent batches
+    c.vqgan.disc_channels = 32  # patch discriminator width
+    c.vqgan.disc_layers = 2  # 32 -> 6x6 logit map
+
+    c.vqgan_train = base_vqgan_train_config()
+    c.vqgan_train.disc_start = 1000  # reconstruction first, GAN for the last third
+    c.vqgan_train.disc_weight = 0.1  # a light GAN term: shapes need accuracy more than texture
+    c.vqgan_train.restart_every = 50  # steps between dead-code restarts
+
+    c.prepare.shapes_records.train = 20000  # training scenes
+    c.prepare.shapes_records.validation = 512  # validation scenes
+    c.data.global_batch_size = 32  # images per step
+    c.optim.learning_rate = 2e-3  # Adam peak LR
+    c.optim.warmup_steps = 100  # short warmup
+    c.optim.b1 = 0.5  # taming's GAN betas
+    c.optim.b2 = 0.9
+    c.optim.weight_decay = 0.0  # no decay on conv weights / codebook
+    c.checkpoint.every_steps = 500  # saves
+    return c
