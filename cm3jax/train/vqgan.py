@@ -30,7 +30,6 @@ from cm3jax.models.discriminator import PatchDiscriminator, adaptive_weight, hin
 from cm3jax.models.quantizer import CodebookStats, code_histogram
 from cm3jax.models.vqgan import LAST_DECODER_LAYER, VQGAN, VQGANConfig
 from cm3jax.train import partitioning, tasks
-from cm3jax.train.metrics import to_host
 from cm3jax.train.optim import learning_rate_schedule
 from cm3jax.train.state import StateSpec, schedule_steps
 
