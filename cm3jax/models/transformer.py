@@ -22,6 +22,7 @@ from cm3jax.models.layers import (
     TransformerConfig,
     attention_mask,
     make_param,
+    materialize,
     truncated_normal,
 )
 from cm3jax.models.logical import constrain
@@ -64,6 +65,33 @@ def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """
     table = constrain(table, (None, None))
     return constrain(jnp.take(table, ids, axis=0), EMBED_NAMES)
+
+
+@jax.custom_vjp
+def tied_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """`x @ table.T` in float32 ([b, l, e] x [vocab, e] -> [b, l, vocab]): the tied LM head.
+
+    Autodiff's table gradient `dlogits^T @ x` makes XLA write a transposed [vocab, tokens]
+    copy of the float32 logit gradient (the step's largest array); here it is contracted
+    as `(x^T @ dlogits)^T`, transposing only the [tokens, e] input and the [e, vocab] result.
+    """
+    return jnp.einsum("ble,ve->blv", x, table, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x, table):
+    return tied_logits(x, table), (x, table)
+
+
+def _tied_logits_bwd(residuals, dlogits):
+    x, table = residuals
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_d = dlogits.reshape(-1, dlogits.shape[-1]).astype(x.dtype)
+    dx = (flat_d @ table).reshape(x.shape)
+    dtable = materialize(materialize(flat_x.T) @ flat_d).T
+    return dx.astype(x.dtype), dtable.astype(table.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
@@ -119,8 +147,11 @@ class Transformer(nnx.Module):
         x = constrain(x, EMBED_NAMES)
         x = self._run_blocks(x, positions, attention_mask(segment_ids))
         x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("ble,ev->blv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        if self.lm_head is None:
+            logits = tied_logits(x, self.embed[...].astype(dtype))
+        else:
+            logits = jnp.einsum("ble,ev->blv", x, self.lm_head[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def _run_blocks(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Evaluation: image-tokenizer reconstruction quality (`reconstruction.py`)."""
