@@ -53,11 +53,13 @@ class ImageTokenizer(Protocol):
 def _check_images(images: np.ndarray, name: str) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
+        raise ValueError(f"{name} must be uint8 images [N, H, W, 3], "
+                         f"got {images.dtype} {images.shape}")
     return images
 
 
-def _check_pair(originals: np.ndarray, reconstructions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(originals: np.ndarray,
+                reconstructions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     originals = _check_images(originals, "originals")
     reconstructions = _check_images(reconstructions, "reconstructions")
     if originals.shape != reconstructions.shape:

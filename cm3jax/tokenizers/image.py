@@ -94,28 +94,46 @@ def restore_generator(state_path: str, cfg: VQGANConfig) -> VQGAN:
                             nnx.to_pure_dict(state))
 
     item = {"params": {"generator": target(params)}, "stats": target(stats)}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
+            _check_against_metadata(item, checkpointer.metadata(state_path), state_path)
             restored = checkpointer.restore(state_path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise UserError(f"{state_path}: cannot restore the VQGAN generator for config.vqgan "
-                        f"{cfg} ({type(e).__name__}: {e})") from e
-    _check_shapes(item, restored, state_path)
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{state_path}: cannot restore the VQGAN generator "
+                        f"({type(e).__name__}: {e})") from e
     nnx.replace_by_pure_dict(params, restored["params"]["generator"])
     nnx.replace_by_pure_dict(stats, restored["stats"])
     return nnx.merge(graphdef, params, stats)
 
 
-def _check_shapes(expected: Any, restored: Any, where: str) -> None:
-    """UserError naming the first array whose checkpoint shape differs from the config's."""
-    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]:
-        want = flat_expected.get(path)
-        if want is not None and tuple(np.shape(value)) != tuple(want.shape):
-            raise UserError(f"{where}: {jax.tree_util.keystr(path)} has shape {np.shape(value)}, "
-                            f"config.vqgan needs {want.shape}")
+def _flat(tree: Any) -> dict[str, Any]:
+    """Nested dicts -> {'a.b.0.c': leaf} (keys as strings, like Orbax's parameter names)."""
+    if not isinstance(tree, dict):
+        return {"": tree}
+    return {f"{k}.{sub}" if sub else str(k): leaf
+            for k, v in tree.items() for sub, leaf in _flat(v).items()}
+
+
+def _check_against_metadata(item: Any, metadata: Any, where: str) -> None:
+    """UserError naming the arrays of `item` missing from the checkpoint or of another shape.
+
+    Checked before reading, so a checkpoint of another config.vqgan fails in one clear line.
+    """
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
+    saved = _flat(tree) if isinstance(tree, dict) else {}
+    problems = []
+    for name, want in _flat(item).items():
+        if name not in saved:
+            problems.append(f"{name} missing")
+        elif tuple(saved[name].shape) != tuple(want.shape):
+            problems.append(f"{name} has shape {tuple(saved[name].shape)}, "
+                            f"config.vqgan needs {tuple(want.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{where} does not hold this config.vqgan's generator: "
+                        + "; ".join(problems[:3]) + more)
 
 
 class VQGANTokenizer:
@@ -199,7 +217,8 @@ class VQGANTokenizer:
         g = self.grid
         single = codes.ndim == 2
         batch = codes[None] if single else codes
-        if batch.ndim != 3 or batch.shape[1:] != (g, g) or not np.issubdtype(batch.dtype, np.integer):
+        integer = np.issubdtype(batch.dtype, np.integer)
+        if batch.ndim != 3 or batch.shape[1:] != (g, g) or not integer:
             raise UserError(f"VQGAN tokenizer expects integer codes of shape [batch, {g}, {g}] "
                             f"or [{g}, {g}], got {codes.dtype} {codes.shape}")
         batch = np.clip(batch, 0, self.codebook_size - 1).astype(np.int32)
@@ -215,7 +234,8 @@ class VQGANTokenizer:
             n = len(chunk)
             padded = min(self.batch_size, 1 << (n - 1).bit_length())
             if padded > n:
-                chunk = np.concatenate([chunk, np.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)])
+                pad = np.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
             out[start:start + n] = np.asarray(fn(self._state, chunk))[:n]
         return out
 
