@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})  # split -> spec ('' = skip)
     c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})  # 'shapes' sizes
     c.prepare.resolution = 32  # images are resized / centre-cropped to this
-    c.prepare.image_tokenizer = "palette"  # 'palette' (colour quantiser) until the VQGAN lands
+    c.prepare.image_tokenizer = "palette"  # 'palette' (colour quantiser) or 'vqgan:WORKDIR' (a trained VQGAN)
     c.prepare.palette = "shapes"  # palette of the palette tokenizer
     c.prepare.downsample = 1  # pixels per code side (1 = exact on the shapes palette)
     c.prepare.records_per_shard = 2000  # records per ArrayRecord shard (the unit of parallelism and resume)

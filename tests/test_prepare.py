@@ -132,3 +132,31 @@ def test_train_prepares_missing_data_only_when_asked(tmp_path):
     ensure_prepared(config)
     report = json.loads((tmp_path / "auto" / "prepare_report.json").read_text())
     assert report["splits"]["train"]["records_written"] == 40
+
+
+def test_prepare_with_a_trained_vqgan_writes_its_codes(tmp_path):
+    from test_image_tokenizer import write_workdir
+
+    from cm3jax.data import shapes
+    from cm3jax.models.vqgan import VQGANConfig
+    from cm3jax.tokenizers.image import VQGANTokenizer
+
+    vqgan_dir = tmp_path / "vqgan"
+    write_workdir(vqgan_dir, VQGANConfig(resolution=32, base_channels=8, channel_multipliers=(1, 2),
+                                         num_res_blocks=1, attention=False, norm_groups=4, embed_dim=8,
+                                         codebook_size=64, disc_channels=8, disc_layers=1))
+    config = _shapes_config(train=24, validation=8, per_shard=12)
+    config.prepare.image_tokenizer = f"vqgan:{vqgan_dir}"
+    config.prepare.num_workers = 1
+    config.vocab.image_codes = 64
+    report = prepare(config, str(tmp_path / "prepared"))
+    assert report["image_codes_per_image"] == 16 * 16
+    documents = records.ArrayRecordDocuments(records.split_paths(str(tmp_path / "prepared"), "train"))
+    tokenizer = VQGANTokenizer.load(str(vqgan_dir))
+    source = shapes.ShapesSource(24, split="train", seed=config.seed)
+    for i in (0, 23):
+        np.testing.assert_array_equal(documents[i]["image"], tokenizer.encode(source[i]["image"]))
+
+    config.vocab.image_codes = 16  # smaller than the VQGAN's codebook: refused, naming the field
+    with pytest.raises(Exception, match="config.vocab.image_codes=16 is smaller"):
+        prepare(config, str(tmp_path / "other"))

@@ -4,7 +4,7 @@
 
 Writes into DIR:
   tokenizer.model            SentencePiece BPE (trained on the train split's captions, or reused)
-  image_tokenizer.json       the image tokenizer (palette quantiser until the VQGAN lands)
+  image_tokenizer.json       the image tokenizer ('palette' quantiser, or a trained VQGAN: 'vqgan:WORKDIR')
   vocab.json                 the unified vocab the shards are written in
   <split>-NNNNN-of-MMMMM.array_record   token documents (see cm3jax.data.records)
   prepare_report.json        records read / written / bad (with the first bad files), token counts, time
@@ -30,18 +30,27 @@ from cm3jax import vocab as vocab_lib
 from cm3jax.data import records
 from cm3jax.data.sources import open_source
 from cm3jax.errors import UserError
+from cm3jax.tokenizers.image import VQGANTokenizer, load_image_tokenizer
 from cm3jax.tokenizers.palette import PaletteTokenizer
 from cm3jax.tokenizers.text import TextTokenizer
 
 BAD_EXAMPLES_KEPT = 10
+VQGAN_PREFIX = "vqgan:"
+ImageTokenizer = PaletteTokenizer | VQGANTokenizer
 REPORT_DIR = ".shard_reports"
 
 
-def image_tokenizer_from_config(prepare: ml_collections.ConfigDict) -> PaletteTokenizer:
-    """The image tokenizer `config.prepare` names."""
-    if prepare.image_tokenizer != "palette":
-        raise UserError(f"config.prepare.image_tokenizer={prepare.image_tokenizer!r}: only 'palette' "
-                        "is available until the VQGAN lands")
+def image_tokenizer_from_config(prepare: ml_collections.ConfigDict) -> ImageTokenizer:
+    """The image tokenizer `config.prepare.image_tokenizer` names: 'palette' or 'vqgan:WORKDIR'."""
+    spec = prepare.image_tokenizer
+    if spec.startswith(VQGAN_PREFIX):
+        tokenizer = VQGANTokenizer.load(spec[len(VQGAN_PREFIX):])
+        if tokenizer.resolution != prepare.resolution:
+            raise UserError(f"config.prepare.resolution={prepare.resolution} but the VQGAN in "
+                            f"{spec[len(VQGAN_PREFIX):]} takes {tokenizer.resolution}x{tokenizer.resolution} images")
+        return tokenizer
+    if spec != "palette":
+        raise UserError(f"config.prepare.image_tokenizer={spec!r}: expected 'palette' or 'vqgan:WORKDIR'")
     if prepare.palette != "shapes":
         raise UserError(f"config.prepare.palette={prepare.palette!r}: known palettes: 'shapes'")
     from cm3jax.data import shapes
@@ -87,7 +96,7 @@ def _process_shard(task: dict) -> dict:
     config = ml_collections.ConfigDict(json.loads(task["config"]))
     source = open_split(config, task["split"])
     text = TextTokenizer(task["text_tokenizer"])
-    image = PaletteTokenizer.from_json(task["image_tokenizer"])
+    image = load_image_tokenizer(task["image_tokenizer"])
     serialized, bad, text_tokens, image_tokens = [], [], 0, 0
     for index in range(task["start"], task["stop"]):
         record = source[index]
@@ -108,7 +117,7 @@ def _process_shard(task: dict) -> dict:
     return stats
 
 
-def _shard_tasks(config, workdir: str, split: str, text: TextTokenizer, image: PaletteTokenizer) -> list[dict]:
+def _shard_tasks(config, workdir: str, split: str, text: TextTokenizer, image: ImageTokenizer) -> list[dict]:
     size = len(open_split(config, split))
     per_shard = config.prepare.records_per_shard
     count = max(1, math.ceil(size / per_shard))
