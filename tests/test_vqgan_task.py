@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -94,3 +95,14 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
     for key in ("psnr", "codebook_usage", "d_loss", "g_loss", "l1", "perplexity", "images_per_sec", "mfu",
                 "eval_psnr", "eval_codebook_usage", "eval_codebook_perplexity"):
         assert key in last, key
+
+    # The trained tokenizer is evaluated from its workdir alone.
+    result = subprocess.run([sys.executable, "-m", "cm3jax.eval", f"--workdir={tmp_path / 'straight'}",
+                             "--task=reconstruction", "--n=16"], capture_output=True, text=True, timeout=300,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "straight" / "eval" / "reconstruction.json").read_text())
+    assert report["num_images"] == 16 and report["step"] == 4
+    assert 0 < report["psnr"] < 100 and -1 <= report["ssim"] <= 1 and 0 <= report["oracle_agreement"] <= 1
+    assert 0 < report["codebook_usage"] <= 1
+    assert (tmp_path / "straight" / "eval" / "reconstruction.png").exists()
