@@ -12,7 +12,7 @@ from cm3jax.train.vqgan import base_vqgan_train_config
 
 
 def get_config():
-    """A small f2 VQGAN with a 256-code, l2-normalised, factorised codebook and code restarts."""
+    """A small f2 VQGAN with a 256-code EMA codebook and dead-code restarts."""
     c = use_shapes_benchmark(base_config())
     c.task = "vqgan"
     c.total_steps = 1500  # minutes on a 2-core CPU
@@ -22,28 +22,28 @@ def get_config():
 
     c.vqgan = base_vqgan_config()
     c.vqgan.resolution = 32  # shapes render size
-    c.vqgan.base_channels = 32  # first-level channels
+    c.vqgan.base_channels = 16  # first-level channels
     c.vqgan.channel_multipliers = (1, 2)  # downsample 2: 16x16 = 256 codes per image
     c.vqgan.num_res_blocks = 1  # per level
     c.vqgan.attention = False  # no attention needed at 16x16 for flat-coloured shapes
-    c.vqgan.norm_groups = 8  # GroupNorm groups
-    c.vqgan.embed_dim = 32  # latent channels
+    c.vqgan.norm_groups = 4  # GroupNorm groups
+    c.vqgan.embed_dim = 16  # latent channels
     c.vqgan.codebook_size = 256  # codes
-    c.vqgan.code_dim = 8  # factorised lookup (ViT-VQGAN style), better code usage
-    c.vqgan.l2_normalize = True  # cosine lookup
+    c.vqgan.ema = True  # EMA codebook (VQ-VAE-2): 98% of codes in use by step 450
     c.vqgan.dead_code_threshold = 0.01  # restart codes unused in recent batches
     c.vqgan.disc_channels = 32  # patch discriminator width
     c.vqgan.disc_layers = 2  # 32 -> 6x6 logit map
 
     c.vqgan_train = base_vqgan_train_config()
-    c.vqgan_train.disc_start = 1000  # reconstruction first, GAN for the last third
+    c.vqgan_train.l2_weight = 1.0  # L1 + L2: flat colours reward exact pixel values
+    c.vqgan_train.disc_start = 1300  # reconstruction first, a light GAN for the last 200 steps
     c.vqgan_train.disc_weight = 0.1  # a light GAN term: shapes need accuracy more than texture
     c.vqgan_train.restart_every = 50  # steps between dead-code restarts
 
     c.prepare.shapes_records.train = 20000  # training scenes
     c.prepare.shapes_records.validation = 512  # validation scenes
     c.data.global_batch_size = 32  # images per step
-    c.optim.learning_rate = 2e-3  # Adam peak LR
+    c.optim.learning_rate = 1e-3  # Adam peak LR
     c.optim.warmup_steps = 100  # short warmup
     c.optim.b1 = 0.5  # taming's GAN betas
     c.optim.b2 = 0.9
