@@ -19,7 +19,6 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY_LM_PATH = REPO_ROOT / "experiments" / "tiny_lm.py"
 
 # tiny_lm trains on prepared shapes data; unit tests use the synthetic source at these
 # small shapes instead (no prepare step, 16 rows of 64 tokens).
@@ -51,21 +50,26 @@ def _load_experiment(path: pathlib.Path):
     return module
 
 
-def tiny_config(overrides: dict | None = None, **kwargs):
-    """experiments/tiny_lm.py's config on the synthetic source, with dotted-key overrides applied.
-
-    `tiny_config({"mesh.fsdp": 2})` or `tiny_config(seed=3)` (top-level keys only as kwargs).
-    """
-    config = _load_experiment(TINY_LM_PATH).get_config()
-    for key, value in {**SYNTHETIC_OVERRIDES, **(overrides or {}), **kwargs}.items():
+def experiment_config(name: str, overrides: dict | None = None):
+    """experiments/<name>.py's config (a fresh copy) with dotted-key overrides applied."""
+    config = _load_experiment(REPO_ROOT / "experiments" / f"{name}.py").get_config()
+    for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
         node = config
         for part in parents:
             node = node[part]
         if leaf not in node:
-            raise KeyError(f"tiny_config override of unknown field {key!r}")
+            raise KeyError(f"override of unknown config field {key!r}")
         node[leaf] = value
     return config
+
+
+def tiny_config(overrides: dict | None = None, **kwargs):
+    """experiments/tiny_lm.py's config on the synthetic source, with dotted-key overrides applied.
+
+    `tiny_config({"mesh.fsdp": 2})` or `tiny_config(seed=3)` (top-level keys only as kwargs).
+    """
+    return experiment_config("tiny_lm", {**SYNTHETIC_OVERRIDES, **(overrides or {}), **kwargs})
 
 
 @pytest.fixture(name="tiny_config")

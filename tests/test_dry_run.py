@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, _load_experiment
+from conftest import REPO_ROOT, experiment_config
 from cm3jax.train import dry_run
 
 
@@ -18,7 +18,7 @@ from cm3jax.train import dry_run
      ("cm3leon_7b", 6_723_993_600, 32, 4096)],
 )
 def test_paper_shapes(name, params, layers, d_model):
-    config = _load_experiment(REPO_ROOT / "experiments" / f"{name}.py").get_config()
+    config = experiment_config(name)
     assert (config.model.num_layers, config.model.d_model, config.data.seq_len) == (layers, d_model, 4096)
     report = dry_run.describe(config, num_devices=256)
     assert report["params"] == params

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train_cli as cli
-from conftest import REPO_ROOT, _load_experiment
+from conftest import REPO_ROOT, experiment_config
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3, records
 from cm3jax.data.pipeline import make_dataset
@@ -21,27 +21,17 @@ TRAIN_RECORDS = 48
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    config = _load_experiment(REPO_ROOT / "experiments" / "shapes_data.py").get_config()
-    config.prepare.shapes_records.train = TRAIN_RECORDS
-    config.prepare.shapes_records.validation = 16
-    config.prepare.records_per_shard = 16
-    config.prepare.num_workers = 1
+    config = experiment_config("shapes_data", {
+        "prepare.shapes_records.train": TRAIN_RECORDS, "prepare.shapes_records.validation": 16,
+        "prepare.records_per_shard": 16, "prepare.num_workers": 1})
     directory = tmp_path_factory.mktemp("shapes")
     prepare(config, str(directory))
     return directory
 
 
 def _config(prepared, **overrides):
-    config = _load_experiment(REPO_ROOT / "experiments" / "tiny_lm.py").get_config()
-    config.data.source = f"prepared:{prepared}"
-    config.data.global_batch_size = 4
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return experiment_config("tiny_lm", {"data.source": f"prepared:{prepared}", "data.global_batch_size": 4,
+                                         **overrides})
 
 
 def _documents(batch, vocab):

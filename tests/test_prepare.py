@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, experiment_config
 from cm3jax.data import records
 from cm3jax.data.prepare import prepare
 from cm3jax.tokenizers.palette import PaletteTokenizer
@@ -78,14 +78,9 @@ def test_too_many_bad_records_stop_with_the_first_bad_files(messy_folder, tmp_pa
 
 
 def _shapes_config(train=300, validation=40, per_shard=100):
-    from conftest import _load_experiment
-
-    config = _load_experiment(REPO_ROOT / "experiments" / "shapes_data.py").get_config()
-    config.prepare.shapes_records.train = train
-    config.prepare.shapes_records.validation = validation
-    config.prepare.records_per_shard = per_shard
-    config.prepare.num_workers = 2
-    return config
+    return experiment_config("shapes_data", {
+        "prepare.shapes_records.train": train, "prepare.shapes_records.validation": validation,
+        "prepare.records_per_shard": per_shard, "prepare.num_workers": 2})
 
 
 def test_shapes_prepare_is_exact_and_resumes_only_missing_shards(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_cli as cli
-from conftest import REPO_ROOT, _load_experiment
+from conftest import REPO_ROOT, experiment_config
 from cm3jax.config import validate
 from cm3jax.train import partitioning, tasks
 
@@ -26,14 +26,7 @@ TINY = {
 
 
 def _config(**extra):
-    config = _load_experiment(REPO_ROOT / "experiments" / "shapes_vqgan.py").get_config()
-    for key, value in (TINY | extra).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return experiment_config("shapes_vqgan", TINY | extra)
 
 
 def _codebook(state) -> np.ndarray:
