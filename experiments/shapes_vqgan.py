@@ -36,7 +36,7 @@ def get_config():
 
     c.vqgan_train = base_vqgan_train_config()
     c.vqgan_train.l2_weight = 1.0  # L1 + L2: flat colours reward exact pixel values
-    c.vqgan_train.disc_start = 1300  # reconstruction first, a light GAN for the last 200 steps
+    c.vqgan_train.disc_start = 100_000  # GAN off: flat shapes need pixel accuracy (set lower to switch it on)
     c.vqgan_train.disc_weight = 0.1  # a light GAN term: shapes need accuracy more than texture
     c.vqgan_train.restart_every = 50  # steps between dead-code restarts
 
