@@ -163,3 +163,12 @@ def test_distance_properties_and_finite_gradients():
     grad = jax.jit(jax.grad(loss))(a, state)
     assert grad.shape == a.shape
     assert bool(jnp.all(jnp.isfinite(grad))) and bool(jnp.any(grad != 0))
+
+
+def test_load_dispatches_npz_without_torch(tmp_path):
+    net = perceptual.create_lpips(0)
+    path = str(tmp_path / "lpips.npz")
+    perceptual.save_npz(net, path)
+    loaded = perceptual.load(path)
+    images = np.linspace(-1, 1, 2 * 16 * 16 * 3, dtype=np.float32).reshape(2, 16, 16, 3)
+    np.testing.assert_allclose(loaded(images, images[::-1]), net(images, images[::-1]), atol=1e-6)

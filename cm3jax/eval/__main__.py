@@ -53,10 +53,7 @@ def evaluate_tokenizer(workdir: str, n: int, lpips_weights: str) -> dict:
     config = _run_config(workdir)
     tokenizer = VQGANTokenizer.load(workdir)
     images = validation_images(config, n)
-    lpips_net = None
-    if lpips_weights:
-        lpips_net = (perceptual.load_npz(lpips_weights) if lpips_weights.endswith(".npz")
-                     else perceptual.load_lpips_weights(lpips_weights))
+    lpips_net = perceptual.load(lpips_weights) if lpips_weights else None
     result = evaluate_reconstruction(tokenizer, images, lpips_net=lpips_net)
     _, reconstructions = reconstruct(tokenizer, images)
     if config.prepare.sources.validation == "shapes":

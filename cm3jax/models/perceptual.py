@@ -275,3 +275,8 @@ def load_lpips_weights(path: str, lin_path: str | None = None) -> LPIPS:
                         "LPIPS(net='vgg') state dict, or a torchvision vgg16 one plus lpips's "
                         "weights/v0.1/vgg.pth as lin_path)")
     return _from_arrays(arrays, " + ".join(sources))
+
+
+def load(path: str) -> LPIPS:
+    """LPIPS from a converted `.npz` (no torch needed) or an lpips / torchvision `.pth` state dict."""
+    return load_npz(path) if path.endswith(".npz") else load_lpips_weights(path)

@@ -104,10 +104,8 @@ class VQGANTask(tasks.Task):
             abstract_disc = nnx.eval_shape(lambda: PatchDiscriminator(cfg, rngs=nnx.Rngs(params=0)))
         self.graphdef, abstract_params, abstract_stats = nnx.split(abstract_vqgan, nnx.Param, CodebookStats)
         self.disc_graphdef, abstract_disc_params = nnx.split(abstract_disc, nnx.Param)
-        lpips = (perceptual.load_npz(self.train_config.lpips_weights)
-                 if self.train_config.lpips_weights.endswith(".npz")
-                 else perceptual.load_lpips_weights(self.train_config.lpips_weights)
-                 if self.train_config.lpips_weights else None)
+        weights = self.train_config.lpips_weights
+        lpips = perceptual.load(weights) if weights else None
         if lpips is not None:
             self.lpips_graphdef, lpips_params = nnx.split(lpips)
             lpips_params = nnx.to_pure_dict(lpips_params)
