@@ -398,7 +398,6 @@ def test_open_source_errors_name_the_spec(tmp_path, make_spec, message):
 def test_open_source_folder_and_shapes(image_folder):
     source = open_source(f"folder:{image_folder}", 16)
     assert isinstance(source, FolderSource) and source.resolution == 16
-    pytest.importorskip("cm3jax.data.shapes", reason="cm3jax.data.shapes is not written yet")
     shapes = open_source("shapes", 32, shapes_records=3, shapes_split="train", seed=0)
     assert len(shapes) == 3
     record = shapes[0]
