@@ -122,21 +122,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+SHAPES_VQGAN_WORKDIR = "workdirs/shapes_vqgan"  # where experiments/shapes_vqgan.py trains by default
+SHAPES_VQGAN_CODES = 512  # its codebook size
+
+
 def use_shapes_benchmark(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Vocab and prepare settings of the shapes benchmark, shared by its prepare and train configs.
 
-    32x32 images, one palette code per pixel (1024 codes per image, as CM3leon's 256x256 /
-    8x8 VQGAN grid): the text BPE gets up to 512 pieces, the palette up to 16 colours.
+    32x32 scenes, tokenized by the f2 VQGAN of experiments/shapes_vqgan.py into 16x16 = 256
+    codes (CM3leon's 256x256 images are 32x32 codes of an f8 VQGAN). The text BPE gets up to
+    512 pieces. For tests, `prepare.image_tokenizer='palette'` with `vocab.image_codes=16`
+    quantises pixels to the shapes palette instead (exact, no trained model needed).
     """
     c.vocab.text_size = 512  # BPE pieces (the shapes captions need fewer; spare ids stay unused)
-    c.vocab.image_codes = 16  # palette colours (background + the shapes palette)
+    c.vocab.image_codes = SHAPES_VQGAN_CODES  # the shapes VQGAN's codebook
     c.vocab.num_masks = 8  # CM3 sentinels
     c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})
     c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})
     c.prepare.resolution = 32  # shapes render size
-    c.prepare.image_tokenizer = "palette"  # exact on the shapes palette
-    c.prepare.palette = "shapes"
-    c.prepare.downsample = 1  # one code per pixel
+    c.prepare.image_tokenizer = f"vqgan:{SHAPES_VQGAN_WORKDIR}"  # trained by experiments/shapes_vqgan.py
+    c.prepare.palette = "shapes"  # used only with image_tokenizer='palette'
+    c.prepare.downsample = 2  # palette codes per side: 16x16, as the VQGAN
     return c
 
 

@@ -1,6 +1,10 @@
 """Prepare the shapes benchmark: 20k train / 1k validation scenes -> tokenizers + ArrayRecord shards.
 
+    python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir=workdirs/shapes_vqgan
     python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir=workdirs/shapes_data
+
+Images become 256 codes of the shapes VQGAN (`--config.prepare.image_tokenizer=vqgan:DIR`
+to use one trained elsewhere).
 
 Then train on it with experiments/tiny_lm.py (same vocab).
 """

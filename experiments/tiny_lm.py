@@ -1,12 +1,13 @@
 """Tiny mixed-modal LM on the prepared shapes benchmark: smoke runs and the demo.
 
+    python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir=workdirs/shapes_vqgan
     python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir=workdirs/shapes_data
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m cm3jax.train \
         --config=experiments/tiny_lm.py --workdir=workdirs/tiny \
         --config.mesh.fsdp=2 --config.mesh.tensor=2
 
 The first run prepares workdirs/shapes_data itself if it is missing
-(`data.prepare_if_missing`). `--config.data.source=synthetic` trains on deterministic
+(`data.prepare_if_missing`; it needs the trained shapes VQGAN). `--config.data.source=synthetic` trains on deterministic
 synthetic tokens instead (no prepare step), as the loop tests do.
 """
 
@@ -14,14 +15,14 @@ from cm3jax.config import base_config, use_shapes_benchmark
 
 
 def get_config():
-    """2-layer, d=64 CM3leon-style decoder over 32x32 shapes scenes; seconds per step on a CPU."""
+    """2-layer, d=64 CM3leon-style decoder over 16x16-code shapes scenes; seconds per step on a CPU."""
     c = use_shapes_benchmark(base_config())
     c.total_steps = 200  # a few hundred steps show the loss falling well below log(vocab)
     c.log_every = 10  # progress line every 10 steps
     c.eval_every = 100  # eval loss twice per default run
     c.eval_steps = 2  # eval batches per pass
 
-    c.model.max_len = 1152  # position table: one 1024-code image + caption + CM3 sentinels
+    c.model.max_len = 1024  # position table: a few 256-code scenes with captions and CM3 sentinels
     c.model.num_layers = 2  # blocks
     c.model.d_model = 64  # width
     c.model.num_heads = 4  # heads of 16
@@ -29,8 +30,8 @@ def get_config():
     c.model.remat_policy = "none"  # tiny: no memory pressure
 
     c.data.source = "prepared:workdirs/shapes_data"  # written by experiments/shapes_data.py
-    c.data.prepare_if_missing = True  # a fresh clone prepares the shapes set (~20 s) on first use
-    c.data.seq_len = 1152  # tokens per packed row
+    c.data.prepare_if_missing = True  # prepares the shapes set (~1 min) on first use
+    c.data.seq_len = 1024  # tokens per packed row
     c.data.global_batch_size = 8  # rows per step (divisible by 8 devices)
 
     c.optim.learning_rate = 3e-3  # high LR for a tiny model

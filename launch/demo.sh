@@ -1,48 +1,75 @@
 #!/usr/bin/env bash
-# The end-to-end demo a newcomer runs first (about 10 minutes on a 2-core CPU):
-#   1. prepares the shapes benchmark: BPE text tokenizer, palette image tokenizer,
-#      20k caption/image documents in ArrayRecord shards, and shows two training rows;
-#   2. trains the tiny mixed-modal LM on it with the CM3 objective, sharded over 8 fake CPU
-#      devices (data=2 x fsdp=2 x tensor=2), with checkpoints, eval loss and metrics;
-#   3. pre-empts it half-way with SIGTERM and re-runs the same command, which resumes;
+# The end-to-end demo a newcomer runs first (about 15 minutes on a 2-core CPU). Each stage is
+# one cm3jax command writing a normal --workdir, so this script is also the tutorial:
+#   1. trains the shapes VQGAN image tokenizer (32x32 scenes -> 16x16 codes) and evaluates
+#      its reconstructions (PSNR, codebook use, shapes-oracle agreement);
+#   2. prepares the shapes benchmark with it: BPE text tokenizer + VQGAN image codes, 20k
+#      caption/image documents in ArrayRecord shards, and shows two training rows;
+#   3. trains the tiny mixed-modal LM on it with the CM3 objective, sharded over 8 fake CPU
+#      devices (data=2 x fsdp=2 x tensor=2), with checkpoints, eval loss and metrics,
+#      pre-empting it with SIGTERM after step 50 and resuming with the same command;
 #   4. prints the loss summary and the CM3leon-350M dry run (parameters, FLOPs, memory).
 #
-#   launch/demo.sh [WORKDIR]      (default: workdirs/demo; the training run is removed first,
-#                                  the prepared data in WORKDIR/shapes_data is reused)
+#   launch/demo.sh [WORKDIR]      (default: demo_run; stages write WORKDIR/vqgan,
+#                                  WORKDIR/data and WORKDIR/lm)
+# A stage that is already complete is skipped when the demo runs again, and a killed demo
+# resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=${1:-workdirs/demo}
-data="$root/shapes_data"
-workdir="$root/tiny_lm"
-rm -rf "$workdir"
-mkdir -p "$workdir"
-log="$workdir/train.log"
+root=${1:-demo_run}
+mkdir -p "$root"
+vqgan="$root/vqgan" data="$root/data" lm="$root/lm"
 
-echo "== 1. preparing the shapes benchmark into $data"
-python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir="$data" 2>"$root/prepare.log" \
-  || { tail -n 20 "$root/prepare.log"; exit 1; }
-python -m cm3jax.data.inspect --config=experiments/tiny_lm.py --workdir="$data" --n=2 2>>"$root/prepare.log"
+fail() { echo "stage failed; the last lines of $1:"; tail -n 20 "$1"; exit 1; }
+progress() { grep -E "resuming|already trained|step [0-9]+/" "$1" | sed 's/^.*\] //' | tail -n "$2"; }
+
+echo "== 1. training the VQGAN image tokenizer into $vqgan (about 8 minutes; progress: $vqgan/train.log)"
+mkdir -p "$vqgan"
+python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir="$vqgan" 2>>"$vqgan/train.log" \
+  || fail "$vqgan/train.log"
+progress "$vqgan/train.log" 3
+python -m cm3jax.eval --workdir="$vqgan" --task=reconstruction --n=512 >/dev/null 2>>"$vqgan/eval.log" \
+  || fail "$vqgan/eval.log"
+python - "$vqgan/eval/reconstruction.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"   validation: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, codes used {100 * r['codebook_usage']:.0f}%; "
+      f"the shapes oracle reads the same scene from {100 * r['oracle_agreement']:.1f}% of reconstructions")
+PY
+
+echo "== 2. preparing the shapes benchmark into $data with that tokenizer"
+prepare=(python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir="$data"
+         --config.prepare.image_tokenizer="vqgan:$vqgan")
+"${prepare[@]}" 2>"$root/prepare.log" || fail "$root/prepare.log"
+python -m cm3jax.data.inspect --config=experiments/tiny_lm.py --workdir="$data" --n=2 2>>"$root/prepare.log" \
+  || fail "$root/prepare.log"
 
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$workdir"
+train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm"
        --config.data.source="prepared:$data" --config.total_steps=120
        --config.eval_every=60 --config.mesh.fsdp=2 --config.mesh.tensor=2)
-echo "== 2. training the tiny LM (120 steps); pre-empting it with SIGTERM after step 50"
-"${train[@]}" 2>"$log" &
-pid=$!
-until [[ -f "$workdir/metrics.jsonl" ]] && (( $(wc -l <"$workdir/metrics.jsonl") >= 50 )); do
-  kill -0 "$pid" 2>/dev/null || { tail -n 20 "$log"; exit 1; }
-  sleep 0.5
-done
-kill -TERM "$pid"
-wait "$pid" || { echo "pre-empted run did not exit cleanly"; tail -n 20 "$log"; exit 1; }
-echo "   saved and exited 0 at step $(ls "$workdir/checkpoints" | sort -n | tail -1)"
-echo "== 3. the same command again resumes from that checkpoint and trains to step 120"
-"${train[@]}" 2>>"$log" || { tail -n 20 "$log"; exit 1; }
-grep -E "resuming|step [0-9]+/" "$log" | sed 's/^.*\] //' | tail -n 6
+mkdir -p "$lm"
+log="$lm/train.log"
+if [[ ! -d "$lm/checkpoints" ]]; then
+  echo "== 3. training the tiny LM (120 steps); pre-empting it with SIGTERM after step 50"
+  "${train[@]}" 2>>"$log" &
+  pid=$!
+  until [[ -f "$lm/metrics.jsonl" ]] && (( $(wc -l <"$lm/metrics.jsonl") >= 50 )); do
+    kill -0 "$pid" 2>/dev/null || fail "$log"
+    sleep 0.5
+  done
+  kill -TERM "$pid"
+  wait "$pid" || { echo "pre-empted run did not exit cleanly"; fail "$log"; }
+  echo "   saved and exited 0 at step $(ls "$lm/checkpoints" | sort -n | tail -1)"
+  echo "   the same command again resumes from that checkpoint and trains to step 120"
+else
+  echo "== 3. resuming the tiny LM from its newest checkpoint in $lm"
+fi
+"${train[@]}" 2>>"$log" || fail "$log"
+progress "$log" 6
 
 echo "== 4. summary"
-python - "$workdir" <<'PY'
+python - "$lm" <<'PY'
 import json, math, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 vocab = json.load(open(f"{sys.argv[1]}/vocab.json"))
@@ -54,4 +81,5 @@ print(f"throughput {last['tokens_per_sec']:.0f} tokens/s, MFU {100 * last['mfu']
 PY
 echo "== 5. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
 python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run --dry_run_devices=256 2>/dev/null | grep -v '^{'
-echo "demo finished: metrics in $workdir/metrics.jsonl, TensorBoard events in $workdir/tensorboard"
+echo "demo finished: VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png),"
+echo "  data in $data, LM in $lm (metrics.jsonl, TensorBoard events in $lm/tensorboard)"

@@ -32,6 +32,15 @@ SYNTHETIC_OVERRIDES = {
     "vocab.num_masks": 4,
 }
 
+# The shapes benchmark tokenizes images with a trained VQGAN; tests that prepare shapes data
+# use the exact palette quantiser at the same 16x16 codes per image instead.
+PALETTE_OVERRIDES = {
+    "prepare.image_tokenizer": "palette",
+    "prepare.downsample": 2,
+    "vocab.image_codes": 16,
+}
+PALETTE_FLAGS = tuple(f"--config.{key}={value}" for key, value in PALETTE_OVERRIDES.items())
+
 # Architecture switches of the Chameleon-style ("modern") variant.
 MODERN_OVERRIDES = {
     "model.activation": "swiglu",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train_cli as cli
-from conftest import REPO_ROOT, experiment_config
+from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3, records
 from cm3jax.data.pipeline import make_dataset
@@ -22,7 +22,7 @@ TRAIN_RECORDS = 48
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     config = experiment_config("shapes_data", {
-        "prepare.shapes_records.train": TRAIN_RECORDS, "prepare.shapes_records.validation": 16,
+        **PALETTE_OVERRIDES, "prepare.shapes_records.train": TRAIN_RECORDS, "prepare.shapes_records.validation": 16,
         "prepare.records_per_shard": 16, "prepare.num_workers": 1})
     directory = tmp_path_factory.mktemp("shapes")
     prepare(config, str(directory))
@@ -30,8 +30,8 @@ def prepared(tmp_path_factory):
 
 
 def _config(prepared, **overrides):
-    return experiment_config("tiny_lm", {"data.source": f"prepared:{prepared}", "data.global_batch_size": 4,
-                                         **overrides})
+    return experiment_config("tiny_lm", {**PALETTE_OVERRIDES, "data.source": f"prepared:{prepared}",
+                                         "data.global_batch_size": 4, **overrides})
 
 
 def _documents(batch, vocab):
@@ -111,7 +111,7 @@ def test_iterator_state_resumes_mid_epoch_with_the_same_batch(prepared, workers)
 def test_inspect_cli_shows_documents_and_throughput(prepared):
     result = subprocess.run(
         [sys.executable, "-m", "cm3jax.data.inspect", f"--config={REPO_ROOT}/experiments/tiny_lm.py",
-         f"--workdir={prepared}", "--n=2"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+         f"--workdir={prepared}", "--n=2", *PALETTE_FLAGS], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[IMG" in result.stdout and "<break>" in result.stdout and "<eos>" in result.stdout
     assert "tokens/s" in result.stdout
@@ -119,7 +119,7 @@ def test_inspect_cli_shows_documents_and_throughput(prepared):
 
 @pytest.mark.slow
 def test_training_on_prepared_data_resumes_exactly(prepared, tmp_path):
-    flags = (f"--config={cli.TINY}", f"--config.data.source=prepared:{prepared}", "--config.total_steps=4",
+    flags = (f"--config={cli.TINY}", f"--config.data.source=prepared:{prepared}", *PALETTE_FLAGS, "--config.total_steps=4",
              "--config.optim.schedule_steps=4", "--config.checkpoint.every_steps=2", "--config.eval_every=0",
              "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
 

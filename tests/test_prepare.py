@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, experiment_config
+from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config
 from cm3jax.data import records
 from cm3jax.data.prepare import prepare
+from cm3jax.errors import UserError
 from cm3jax.tokenizers.palette import PaletteTokenizer
 from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.vocab import Vocab
@@ -23,7 +24,7 @@ SHAPES_DATA = str(REPO_ROOT / "experiments" / "shapes_data.py")
 def _prepare_cli(workdir, *overrides):
     return subprocess.run(
         [sys.executable, "-m", "cm3jax.data.prepare", f"--config={SHAPES_DATA}", f"--workdir={workdir}",
-         *overrides],
+         *PALETTE_FLAGS, *overrides],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
     )
 
@@ -65,7 +66,7 @@ def test_messy_folder_writes_good_records_and_names_the_bad(messy_folder, tmp_pa
     text = TextTokenizer.load(str(workdir / "tokenizer.model"))
     captions = sorted(text.decode(documents[i]["text"]) for i in range(3))
     assert captions == [f"a good picture number {i}" for i in range(3)]
-    assert documents[0]["image"].shape == (32, 32)
+    assert documents[0]["image"].shape == (16, 16)  # 32x32 images, 2x2 pixels per palette code
 
 
 def test_too_many_bad_records_stop_with_the_first_bad_files(messy_folder, tmp_path):
@@ -79,8 +80,24 @@ def test_too_many_bad_records_stop_with_the_first_bad_files(messy_folder, tmp_pa
 
 def _shapes_config(train=300, validation=40, per_shard=100):
     return experiment_config("shapes_data", {
+        **PALETTE_OVERRIDES, "prepare.downsample": 1,  # one code per pixel: exact round trip
         "prepare.shapes_records.train": train, "prepare.shapes_records.validation": validation,
         "prepare.records_per_shard": per_shard, "prepare.num_workers": 2})
+
+
+def test_prepare_refuses_to_mix_image_tokenizers(tmp_path):
+    config = _shapes_config(train=8, validation=4, per_shard=8)
+    prepare(config, str(tmp_path))
+    config.prepare.downsample = 2
+    with pytest.raises(UserError, match="tokenized with another image tokenizer"):
+        prepare(config, str(tmp_path))
+
+
+def test_prepare_names_a_missing_vqgan_and_how_to_train_it(tmp_path):
+    config = _shapes_config(train=8, validation=4, per_shard=8)
+    config.prepare.image_tokenizer = f"vqgan:{tmp_path / 'no_vqgan'}"
+    with pytest.raises(UserError, match="config.prepare.image_tokenizer=.*train the VQGAN first"):
+        prepare(config, str(tmp_path / "prepared"))
 
 
 def test_shapes_prepare_is_exact_and_resumes_only_missing_shards(tmp_path):

@@ -37,6 +37,15 @@ def test_training_writes_metrics_checkpoints_and_loss_falls(straight_run):
     assert (straight_run / "vocab.json").exists() and (straight_run / "config.json").exists()
 
 
+def test_rerun_of_a_finished_run_does_nothing(straight_run):
+    metrics_before = (straight_run / "metrics.jsonl").read_text()
+    result = cli.run_train(straight_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already trained to step 20" in result.stderr and "resuming" not in result.stderr
+    assert (straight_run / "metrics.jsonl").read_text() == metrics_before
+    assert cli.checkpoint_steps(straight_run)[-1] == 20
+
+
 def test_stop_and_rerun_resumes_bit_for_bit(straight_run, tmp_path):
     workdir = tmp_path / "run"
     first = cli.run_train(workdir, "--config.total_steps=10")

@@ -44,7 +44,12 @@ def image_tokenizer_from_config(prepare: ml_collections.ConfigDict) -> ImageToke
     """The image tokenizer `config.prepare.image_tokenizer` names: 'palette' or 'vqgan:WORKDIR'."""
     spec = prepare.image_tokenizer
     if spec.startswith(VQGAN_PREFIX):
-        tokenizer = VQGANTokenizer.load(spec[len(VQGAN_PREFIX):])
+        try:
+            tokenizer = VQGANTokenizer.load(spec[len(VQGAN_PREFIX):])
+        except UserError as e:
+            raise UserError(f"config.prepare.image_tokenizer={spec!r}: {e}; train the VQGAN first, e.g. "
+                            f"python -m cm3jax.train --config=experiments/shapes_vqgan.py "
+                            f"--workdir={spec[len(VQGAN_PREFIX):]}") from e
         if tokenizer.resolution != prepare.resolution:
             raise UserError(f"config.prepare.resolution={prepare.resolution} but the VQGAN in "
                             f"{spec[len(VQGAN_PREFIX):]} takes {tokenizer.resolution}x{tokenizer.resolution} images")
@@ -159,6 +164,19 @@ def _check_vocab(workdir: str, vocab: vocab_lib.Vocab) -> None:
         vocab.save(path)
 
 
+def _check_image_tokenizer(workdir: str, image: ImageTokenizer) -> None:
+    """Writes image_tokenizer.json, or refuses to add shards made by another image tokenizer."""
+    path = os.path.join(workdir, "image_tokenizer.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.loads(f.read()) != json.loads(image.to_json()):
+                raise UserError(f"prepared data in {workdir} was tokenized with another image tokenizer "
+                                f"(see {path}); prepare into a new --workdir or delete that one")
+        return
+    with open(path, "w") as f:
+        f.write(image.to_json())
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Prepares every split of `config.prepare.sources` into `workdir`; returns the report."""
     start = time.perf_counter()
@@ -170,8 +188,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if image.codebook_size > vocab.image_codes:
         raise UserError(f"config.vocab.image_codes={vocab.image_codes} is smaller than the image "
                         f"tokenizer's {image.codebook_size} codes")
-    with open(os.path.join(workdir, "image_tokenizer.json"), "w") as f:
-        f.write(image.to_json())
+    _check_image_tokenizer(workdir, image)
 
     report = {"splits": {}, "text_tokenizer_pieces": text.size,
               "image_codes_per_image": image.codes_per_image}

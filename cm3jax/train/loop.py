@@ -98,6 +98,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_prepared_vocab(prepared_dir(config), vocab)
     os.makedirs(workdir, exist_ok=True)
     write_run_files(workdir, config, vocab)
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    latest = checkpointer.latest_step()
+    if latest is not None and latest >= config.total_steps:
+        logging.info("%s is already trained to step %d (config.total_steps=%d): nothing to do",
+                     workdir, latest, config.total_steps)
+        checkpointer.close()
+        return {}
     mesh = partitioning.make_mesh(mesh_shape)
     logging.info("mesh %s over %d devices, %d process(es)", mesh_shape, jax.device_count(),
                  jax.process_count())
@@ -113,10 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     data_iterator = iter(task.dataset("train", jax.process_index(), jax.process_count()))
     bad_records = task.bad_records()
-    checkpointer = Checkpointer(workdir, config.checkpoint)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     meta = task.meta()
-    latest = checkpointer.latest_step()
     if latest is None:
         state = task.spec.init()
     else:
