@@ -56,7 +56,7 @@ class Block(nnx.Module):
         return constrain(x, EMBED_NAMES)
 
 
-def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows of `table` for `ids`, gathered from a replicated copy of the (compute-dtype) table.
 
     XLA cannot partition a gather from a sharded table into a batch-sharded output and
@@ -141,9 +141,9 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = _lookup(self.embed[...].astype(dtype), tokens)
+        x = lookup(self.embed[...].astype(dtype), tokens)
         if self.positions is not None:
-            x = x + _lookup(self.positions[...].astype(dtype), positions)
+            x = x + lookup(self.positions[...].astype(dtype), positions)
         x = constrain(x, EMBED_NAMES)
         x = self._run_blocks(x, positions, attention_mask(segment_ids))
         x = self.final_norm(x)

@@ -39,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_out", None),
     ("codebook", None),
     ("code_dim", None),
+    ("projection", None),  # the dual encoder's shared text/image embedding dimension
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
