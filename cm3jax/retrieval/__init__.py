@@ -1,0 +1,1 @@
+"""Retrieval: dense index over document embeddings, retrieval policy, embed / neighbours jobs."""
