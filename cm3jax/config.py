@@ -15,7 +15,9 @@ import ml_collections
 from cm3jax import vocab as vocab_lib
 from cm3jax.errors import ConfigError
 
-KNOWN_TASKS = ("lm", "vqgan")
+KNOWN_TASKS = ("lm", "vqgan", "retriever")
+# Config sections a task reads besides the common ones (their experiment files add them).
+TASK_SECTIONS = {"vqgan": ("vqgan", "vqgan_train"), "retriever": ("retriever",)}
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -216,6 +218,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
       ConfigError: naming the first field whose value cannot work.
     """
     _check_choice(config, "task", KNOWN_TASKS)
+    for section in TASK_SECTIONS.get(config.task, ()):
+        if section not in config:
+            raise ConfigError(section, f"missing: config.task={config.task!r} needs this section "
+                              f"(see experiments/shapes_{config.task}.py)")
     for field, choices in (
         ("model.activation", ("gelu", "swiglu")),
         ("model.position", ("learned", "rope")),

@@ -29,7 +29,7 @@ TINY = de.DualEncoderConfig(
     text_vocab_size=100, text_max_len=16, text_width=64, text_layers=2, text_heads=4,
     text_mlp_dim=128, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
     vision_heads=4, vision_mlp_dim=128, projection_dim=32, code_grid=4, codebook_size=48)
-# The rules table plus the one logical name the dual encoder adds.
+# The logical-axis rules table of the trainer.
 RULES = dict(LOGICAL_RULES)
 LENGTHS = (12, 7, 4)  # real tokens per text row; the rest is padding (id 0, mask 0)
 
@@ -268,9 +268,23 @@ def test_contrastive_loss_with_a_sharded_batch():
 # ---------------------------------------------------------------- from scratch: codes, grads
 
 
-def test_codes_input_trains_every_parameter():
+def test_code_patches_concatenate_the_embeddings_of_each_patch_row_major():
+    cfg = dataclasses.replace(TINY, vision_input="codes", code_patch=2)
+    tower = de.create_dual_encoder(cfg, seed=0).vision
+    codes = np.random.default_rng(1).integers(0, cfg.codebook_size, (2, 4, 4))
+    table = np.asarray(tower.code_embedding[...])
+    tokens = np.asarray(tower._tokens(jnp.asarray(codes)))
+    assert tokens.shape == (2, 4, cfg.vision_width) and table.shape[1] == cfg.vision_width // 4
+    expected = np.concatenate([table[codes[1, 2, 0]], table[codes[1, 2, 1]],
+                               table[codes[1, 3, 0]], table[codes[1, 3, 1]]])
+    np.testing.assert_array_equal(tokens[1, 2], expected)  # patch (row 1, column 0)
+
+
+@pytest.mark.parametrize("code_patch", [1, 2])
+def test_codes_input_trains_every_parameter(code_patch):
     """'codes' vision input: shapes, unit norms, finite gradients reaching logit_scale (remat)."""
-    cfg = dataclasses.replace(TINY, vision_input="codes", remat_policy="full", text_pooling="last")
+    cfg = dataclasses.replace(TINY, vision_input="codes", remat_policy="full", text_pooling="last",
+                              code_patch=code_patch)
     model = de.create_dual_encoder(cfg, seed=0)
     assert model.vision.patch_embedding is None
     graphdef, params = nnx.split(model, nnx.Param)

@@ -63,6 +63,7 @@ def base_dual_encoder_config() -> ml_collections.ConfigDict:
     c.image_size = 224  # image side in pixels ('pixels')
     c.patch_size = 32  # ViT patch side in pixels ('pixels')
     c.code_grid = 32  # codes per image side ('codes'): the VQGAN's grid
+    c.code_patch = 1  # codes per token side ('codes'): 2 = one token per 2x2 codes (4x fewer)
     c.codebook_size = 8192  # VQGAN codebook size ('codes')
     c.vision_width = 768  # vision transformer width
     c.vision_layers = 12  # vision transformer layers
@@ -107,6 +108,7 @@ class DualEncoderConfig:
     image_size: int = _DEFAULTS.image_size
     patch_size: int = _DEFAULTS.patch_size
     code_grid: int = _DEFAULTS.code_grid
+    code_patch: int = _DEFAULTS.code_patch
     codebook_size: int = _DEFAULTS.codebook_size
     vision_width: int = _DEFAULTS.vision_width
     vision_layers: int = _DEFAULTS.vision_layers
@@ -122,7 +124,7 @@ class DualEncoderConfig:
 
     def __post_init__(self):
         positive = ("text_vocab_size", "text_max_len", "text_width", "text_layers", "text_heads",
-                    "text_mlp_dim", "image_size", "patch_size", "code_grid", "codebook_size",
+                    "text_mlp_dim", "image_size", "patch_size", "code_grid", "code_patch", "codebook_size",
                     "vision_width", "vision_layers", "vision_heads", "vision_mlp_dim",
                     "projection_dim")
         checks = {name: (getattr(self, name) >= 1, "must be >= 1") for name in positive}
@@ -136,6 +138,10 @@ class DualEncoderConfig:
             "image_size": (checks["image_size"][0] and checks["patch_size"][0]
                            and self.image_size % self.patch_size == 0,
                            f"must be >= 1 and a multiple of patch_size={self.patch_size}"),
+            "code_patch": (checks["code_patch"][0] and self.code_grid % self.code_patch == 0
+                           and self.vision_width % self.code_patch**2 == 0,
+                           f"must be >= 1, divide code_grid={self.code_grid}, and its square must "
+                           f"divide vision_width={self.vision_width}"),
             "text_pooling": (self.text_pooling in ("eos", "last"), "must be 'eos' or 'last'"),
             "eos_token_id": (-1 <= self.eos_token_id < self.text_vocab_size,
                              f"must be -1 (largest id) or an id below text_vocab_size="
@@ -170,10 +176,10 @@ class DualEncoderConfig:
 
     @property
     def grid(self) -> int:
-        """Patches (or codes) per image side."""
+        """Vision tokens per image side: pixel patches, or patches of code_patch x code_patch codes."""
         if self.vision_input == "pixels":
             return self.image_size // self.patch_size
-        return self.code_grid
+        return self.code_grid // self.code_patch
 
 
 # ------------------------------------------------------------------------------ model
@@ -317,8 +323,8 @@ class VisionTower(nnx.Module):
             else None)
         self.code_embedding = (
             None if pixels
-            else make_param(rngs, _normal(0.02), (cfg.codebook_size, w), ("codebook", "embed"),
-                            cfg))
+            else make_param(rngs, _normal(0.02), (cfg.codebook_size, w // cfg.code_patch**2),
+                            ("codebook", "embed"), cfg))
         self.class_embedding = make_param(rngs, _normal(w**-0.5), (w,), ("embed",), cfg)
         self.position_embedding = make_param(rngs, _normal(0.02), (cfg.grid**2 + 1, w),
                                              ("max_len", "embed"), cfg)
@@ -340,11 +346,13 @@ class VisionTower(nnx.Module):
         """Patch (or code) embeddings [B, grid * grid, width] in row-major grid order."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         if self.code_embedding is not None:
-            if images.shape[1:] != (cfg.grid, cfg.grid):
-                raise ValueError(f"codes must be [batch, {cfg.grid}, {cfg.grid}], "
-                                 f"got {images.shape}")
-            codes = images.reshape(images.shape[0], -1)
-            return lookup(self.code_embedding[...].astype(dtype), codes)
+            g, p = cfg.code_grid, cfg.code_patch
+            if images.shape[1:] != (g, g):
+                raise ValueError(f"codes must be [batch, {g}, {g}], got {images.shape}")
+            # A token is the concatenated embeddings of a p x p patch of codes (row-major).
+            patches = images.reshape(-1, g // p, p, g // p, p).transpose(0, 1, 3, 2, 4)
+            x = lookup(self.code_embedding[...].astype(dtype), patches.reshape(images.shape[0], -1))
+            return x.reshape(images.shape[0], (g // p) ** 2, cfg.vision_width)
         if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(f"images must be [batch, {cfg.image_size}, {cfg.image_size}, 3], "
                              f"got {images.shape}")
@@ -352,6 +360,18 @@ class VisionTower(nnx.Module):
             images.astype(dtype), self.patch_embedding[...].astype(dtype),
             (cfg.patch_size, cfg.patch_size), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return patches.reshape(patches.shape[0], -1, patches.shape[-1])
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's per-channel pixel mean on [0, 1]
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # and standard deviation
+
+
+def clip_pixels(images: jax.Array, image_size: int) -> jax.Array:
+    """uint8 RGB images [B, R, R, 3] -> CLIP-normalised float32 [B, S, S, 3] (bicubic resize)."""
+    x = images.astype(jnp.float32) / 255.0
+    if x.shape[1:3] != (image_size, image_size):
+        x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "bicubic")
+    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import ml_collections
 import optax
@@ -32,8 +34,9 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer of `config.optim` (clip, then AdamW with the schedule)."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
+    """The optimizer of `config.optim` (clip, then AdamW with the schedule; `mask` picks decayed leaves)."""
     return optax.chain(
         optax.clip_by_global_norm(optim.clip_norm),
         optax.adamw(
@@ -42,6 +45,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
             b2=optim.b2,
             eps=optim.eps,
             weight_decay=optim.weight_decay,
-            mask=decay_mask,
+            mask=mask,
         ),
     )

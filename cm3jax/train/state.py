@@ -59,19 +59,20 @@ def abstract_params(cfg: TransformerConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(abstract_model)
 
 
-def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
-    """Derives shapes and shardings of the train state for `config` on `mesh`."""
-    cfg = model_config(config)
-    graphdef, abstract_param_state = abstract_params(cfg)
+def sharded_state_spec(model_config: Any, graphdef: nnx.GraphDef, abstract_param_state: nnx.State,
+                       make_params: Callable[[jax.Array], dict], optimizer: optax.GradientTransformation,
+                       mesh: Mesh, seed: int) -> StateSpec:
+    """The StateSpec of a one-model task: `make_params(key)` -> pure param dict, one optimizer.
+
+    Parameter shardings come from the logical axes of `abstract_param_state`; optimizer
+    moments follow their parameters, everything else is replicated.
+    """
     param_sh = partitioning.param_shardings(abstract_param_state, mesh)
-    optimizer = make_optimizer(config.optim, schedule_steps(config))
     replicated = partitioning.replicated(mesh)
-    seed = config.seed
 
     def init() -> TrainState:
-        key = jax.random.key(seed)
-        params_key, state_key = jax.random.split(key)
-        params = nnx.to_pure_dict(nnx.state(transformer.create(cfg, params_key)))
+        params_key, state_key = jax.random.split(jax.random.key(seed))
+        params = make_params(params_key)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -92,5 +93,15 @@ def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
-    return StateSpec(cfg, graphdef, optimizer, abstract, shardings,
+    return StateSpec(model_config, graphdef, optimizer, abstract, shardings,
                      jax.jit(init, out_shardings=shardings))
+
+
+def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
+    """Derives shapes and shardings of the LM train state for `config` on `mesh`."""
+    cfg = model_config(config)
+    graphdef, abstract_param_state = abstract_params(cfg)
+    return sharded_state_spec(
+        cfg, graphdef, abstract_param_state,
+        lambda key: nnx.to_pure_dict(nnx.state(transformer.create(cfg, key))),
+        make_optimizer(config.optim, schedule_steps(config)), mesh, config.seed)

@@ -138,6 +138,6 @@ def register(name: str):
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh) -> Task:
     """The task `config.task` names (validated beforehand by cm3jax.config.validate)."""
-    from cm3jax.train import lm, vqgan  # noqa: F401  (each module registers its task)
+    from cm3jax.train import lm, retriever, vqgan  # noqa: F401  (each module registers its task)
 
     return TASKS[config.task](config, mesh)
