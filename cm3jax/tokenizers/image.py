@@ -21,23 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from cm3jax import runs
 from cm3jax.errors import UserError
 from cm3jax.models.quantizer import CodebookStats
 from cm3jax.models.vqgan import VQGAN, VQGANConfig
 from cm3jax.tokenizers.palette import PaletteTokenizer
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-STATE_ITEM = "state"  # the train-state item of a cm3jax.train.checkpoint.Checkpointer step
-
 
 def images_to_float(images: np.ndarray | jax.Array) -> jax.Array:
     """uint8 pixels [..., 3] -> float32 in [-1, 1] (x / 127.5 - 1)."""
@@ -49,91 +44,28 @@ def float_to_images(x: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Complete checkpoint steps in WORKDIR/checkpoints, ascending.
-
-    Orbax writes a step into a temporary directory and renames it to `<step>` when it is
-    complete, so only all-digit directory names holding a `state` item count.
-    """
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
-
-
 def read_vqgan_config(workdir: str) -> VQGANConfig:
     """The VQGANConfig of WORKDIR/config.json (`config['vqgan']`); UserError if absent."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist: not a VQGAN training workdir")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable JSON config ({e})") from e
-    if not isinstance(config, dict) or not isinstance(config.get("vqgan"), dict):
-        raise UserError(f"{path} has no 'vqgan' section: not a VQGAN training workdir")
+    section = runs.read_section(workdir, "vqgan", "VQGAN training")
     fields = VQGANConfig.__dataclass_fields__
-    return VQGANConfig(**{k: v for k, v in config["vqgan"].items() if k in fields})
+    return VQGANConfig(**{k: v for k, v in section.items() if k in fields})
 
 
 def restore_generator(state_path: str, cfg: VQGANConfig) -> VQGAN:
     """A VQGAN holding `params['generator']` and `stats` of an Orbax train-state directory.
 
-    The model is built with `nnx.eval_shape` (nothing initialised); Orbax reads only the
-    arrays named by the target tree (`partial_restore=True`) onto the first local device.
+    The model is built with `nnx.eval_shape` (nothing initialised); Orbax reads only those
+    arrays (`runs.restore_arrays`) onto the first local device.
     """
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: VQGAN(cfg, rngs=nnx.Rngs(params=0)))
     graphdef, params, stats = nnx.split(abstract, nnx.Param, CodebookStats)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target(state: nnx.State) -> Any:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            nnx.to_pure_dict(state))
-
-    item = {"params": {"generator": target(params)}, "stats": target(stats)}
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            _check_against_metadata(item, checkpointer.metadata(state_path), state_path)
-            restored = checkpointer.restore(state_path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{state_path}: cannot restore the VQGAN generator "
-                        f"({type(e).__name__}: {e})") from e
+    item = {"params": {"generator": runs.on_first_device(nnx.to_pure_dict(params))},
+            "stats": runs.on_first_device(nnx.to_pure_dict(stats))}
+    restored = runs.restore_arrays(state_path, item, "VQGAN generator", "vqgan")
     nnx.replace_by_pure_dict(params, restored["params"]["generator"])
     nnx.replace_by_pure_dict(stats, restored["stats"])
     return nnx.merge(graphdef, params, stats)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    """Nested dicts -> {'a.b.0.c': leaf} (keys as strings, like Orbax's parameter names)."""
-    if not isinstance(tree, dict):
-        return {"": tree}
-    return {f"{k}.{sub}" if sub else str(k): leaf
-            for k, v in tree.items() for sub, leaf in _flat(v).items()}
-
-
-def _check_against_metadata(item: Any, metadata: Any, where: str) -> None:
-    """UserError naming the arrays of `item` missing from the checkpoint or of another shape.
-
-    Checked before reading, so a checkpoint of another config.vqgan fails in one clear line.
-    """
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
-    saved = _flat(tree) if isinstance(tree, dict) else {}
-    problems = []
-    for name, want in _flat(item).items():
-        if name not in saved:
-            problems.append(f"{name} missing")
-        elif tuple(saved[name].shape) != tuple(want.shape):
-            problems.append(f"{name} has shape {tuple(saved[name].shape)}, "
-                            f"config.vqgan needs {tuple(want.shape)}")
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"{where} does not hold this config.vqgan's generator: "
-                        + "; ".join(problems[:3]) + more)
 
 
 class VQGANTokenizer:
@@ -166,18 +98,9 @@ class VQGANTokenizer:
             checkpoint that does not match the config.
         """
         workdir = os.path.abspath(os.fspath(workdir))
-        if not os.path.isdir(workdir):
-            raise UserError(f"VQGAN workdir {workdir} does not exist")
         cfg = read_vqgan_config(workdir)
-        steps = checkpoint_steps(workdir)
-        if not steps:
-            raise UserError(f"{workdir} has no complete checkpoint in {CHECKPOINT_DIR}/")
-        if step is None:
-            step = steps[-1]
-        elif int(step) not in steps:
-            raise UserError(f"{workdir} has no checkpoint at step {step} (steps: {steps})")
-        path = os.path.join(workdir, CHECKPOINT_DIR, str(int(step)), STATE_ITEM)
-        return cls(restore_generator(path, cfg), workdir, int(step), batch_size)
+        step, path = runs.state_path(workdir, step, "VQGAN")
+        return cls(restore_generator(path, cfg), workdir, step, batch_size)
 
     @property
     def resolution(self) -> int:
