@@ -14,6 +14,7 @@ import ml_collections
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.errors import ConfigError
+from cm3jax.retrieval.policy import base_retrieval_config
 
 KNOWN_TASKS = ("lm", "vqgan", "retriever")
 # Config sections a task reads besides the common ones (their experiment files add them).
@@ -84,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cm3.mask_rate = 1.0  # Poisson mean of the number of masked spans (CM3)
     c.data.cm3.max_spans = 16  # at most this many spans (and at most vocab.num_masks)
     c.data.cm3.whole_image = False  # an image is masked whole or not at all
+
+    c.retrieval = base_retrieval_config()  # retrieval-augmented documents (off by default)
 
     c.prepare = ml_collections.ConfigDict()  # used by cm3jax.data.prepare only
     c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})  # split -> spec ('' = skip)

@@ -27,6 +27,7 @@ import numpy as np
 
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
+from cm3jax.data.neighbours import WithNeighbours, open_neighbours
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.data.schema import FIELDS
 from cm3jax.data.synthetic import SyntheticDocuments
@@ -66,13 +67,23 @@ class DocumentTransform(grain.transforms.RandomMap):
     def __init__(self, vocab: vocab_lib.Vocab, config: ml_collections.ConfigDict):
         self.vocab, self.max_tokens = vocab, config.data.seq_len + 1
         self.image_first_probability = config.data.image_first_probability
+        self.retrieved_in_loss = config.data.retrieved_in_loss
         self.options = cm3.CM3Options(**config.data.cm3.to_dict())
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        image_ids = self.vocab.image_id(record["image"].ravel())
+    def _document(self, record: dict, rng: np.random.Generator) -> np.ndarray:
         image_first = rng.random() < self.image_first_probability
-        document = cm3.make_document(record["text"], image_ids, self.vocab, image_first)
+        return cm3.make_document(record["text"], self.vocab.image_id(record["image"].ravel()), self.vocab,
+                                 image_first)
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        document = self._document(record, rng)
         tokens, weights = cm3.cm3_transform(document, self.vocab, rng, self.options)
+        retrieved = [self._document(r, rng) for r in record.get("retrieved", ())]
+        # Retrieved documents go first; the lowest-ranked are dropped until the row fits.
+        while retrieved and len(tokens) + sum(len(r) + 1 for r in retrieved) > self.max_tokens:
+            retrieved.pop()
+        if retrieved:
+            tokens, weights = cm3.prepend_retrieved(tokens, weights, retrieved, self.vocab, self.retrieved_in_loss)
         return {"tokens": tokens[: self.max_tokens], "weights": weights[: self.max_tokens].astype(np.int32)}
 
 
@@ -104,7 +115,12 @@ def _prepared_dataset(config, directory: str, split: str, process_index: int,
     paths = split_paths(directory, split)
     if not paths:
         raise UserError(f"config.data.source: no '{split}' shards in {directory}")
-    documents = grain.MapDataset.source(ArrayRecordDocuments(paths))
+    documents = ArrayRecordDocuments(paths)
+    if config.retrieval.enabled:
+        memory = ArrayRecordDocuments(split_paths(directory, "train"))
+        neighbours = open_neighbours(config.retrieval.neighbours, directory, split, len(documents))
+        documents = WithNeighbours(documents, neighbours, memory)
+    documents = grain.MapDataset.source(documents)
     if split == "train":
         documents = documents.shuffle(seed=config.seed)
     documents = documents.repeat(None)

@@ -43,6 +43,9 @@ def base_retrieval_config() -> ml_collections.ConfigDict:
     """Defaults of `config.retrieval`: CM3leon's policy and an exact JAX index."""
     c = ml_collections.ConfigDict()
     c.enabled = False  # prepend retrieved documents (False: the LM trains on documents alone)
+    c.encoder = ""  # workdir of the `task='retriever'` run that embeds memory and queries
+    c.neighbours = ""  # workdir of `cm3jax.retrieval.build` (index + neighbours) the LM reads
+    c.chunk_docs = 4096  # documents per embedding shard (the unit of resume)
     c.k = 2  # documents retrieved per training document (CM3leon: 2 in training)
     c.candidates = 32  # neighbours fetched from the index before the policy filters them (>= k)
     c.near_duplicate = 0.9  # skip candidates scoring above this against the query (CM3leon: 0.9)
