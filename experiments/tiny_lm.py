@@ -7,8 +7,15 @@
         --config.mesh.fsdp=2 --config.mesh.tensor=2
 
 The first run prepares workdirs/shapes_data itself if it is missing
-(`data.prepare_if_missing`; it needs the trained shapes VQGAN). `--config.data.source=synthetic` trains on deterministic
-synthetic tokens instead (no prepare step), as the loop tests do.
+(`data.prepare_if_missing`; it needs the trained shapes VQGAN). `--config.data.source=synthetic`
+trains on deterministic synthetic tokens instead (no prepare step), as the loop tests do.
+
+Retrieval-augmented (CM3leon's two neighbours before every document):
+
+    python -m cm3jax.train --config=experiments/shapes_retriever.py --workdir=workdirs/shapes_retriever
+    python -m cm3jax.retrieval.build --config=experiments/tiny_lm.py --workdir=workdirs/shapes_index
+    python -m cm3jax.train --config=experiments/tiny_lm.py --workdir=workdirs/tiny_rag \
+        --config.retrieval.enabled=True
 """
 
 from cm3jax.config import base_config, use_shapes_benchmark
@@ -33,6 +40,10 @@ def get_config():
     c.data.prepare_if_missing = True  # prepares the shapes set (~1 min) on first use
     c.data.seq_len = 1024  # tokens per packed row
     c.data.global_batch_size = 8  # rows per step (divisible by 8 devices)
+
+    c.retrieval.encoder = "workdirs/shapes_retriever"  # experiments/shapes_retriever.py
+    c.retrieval.neighbours = "workdirs/shapes_index"  # cm3jax.retrieval.build --config=experiments/tiny_lm.py
+    c.retrieval.chunk_docs = 5000  # 4 embedding chunks of the 20k-document memory
 
     c.optim.learning_rate = 3e-3  # high LR for a tiny model
     c.optim.warmup_steps = 10  # short warmup
