@@ -1,4 +1,4 @@
-"""`python -m cm3jax.eval --workdir=DIR --task=reconstruction [--n=256] [--lpips_weights=PATH]`.
+"""`python -m cm3jax.eval --workdir=DIR --task=reconstruction|retrieval [--n=N] [--lpips_weights=PATH]`.
 
 Evaluates a trained run and writes DIR/eval/<task>.json (plus a PNG grid for visual
 tasks). Tasks so far:
@@ -6,6 +6,8 @@ tasks). Tasks so far:
                    usage / perplexity over the validation images of its config, and — on
                    the shapes benchmark — how often the shapes oracle reads the same scene
                    from the reconstruction as from the original.
+  retrieval        a `retriever` workdir: text->image and image->text recall@1/5/10 with
+                   the first N validation documents of its prepared data as the memory.
 """
 
 from __future__ import annotations
@@ -18,17 +20,30 @@ import numpy as np
 from absl import app, flags
 
 from cm3jax import logs
+from cm3jax.data.pipeline import prepared_dir
 from cm3jax.data.prepare import open_split
+from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError, exit_on_user_error
+from cm3jax.eval.retrieval import evaluate_retrieval
 from cm3jax.eval.reconstruction import evaluate_reconstruction, oracle_agreement, reconstruct, save_grid
 from cm3jax.models import perceptual
+from cm3jax.retrieval.encoder import RetrievalEncoder
 from cm3jax.tokenizers.image import VQGANTokenizer
 
-TASKS = ("reconstruction",)
+TASKS = ("reconstruction", "retrieval")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints + config.json).")
 _TASK = flags.DEFINE_enum("task", "reconstruction", TASKS, "What to evaluate.")
-_N = flags.DEFINE_integer("n", 256, "Validation images to evaluate.")
+_N = flags.DEFINE_integer("n", 256, "Validation images (reconstruction) or documents (retrieval) to evaluate.")
 _LPIPS = flags.DEFINE_string("lpips_weights", "", "LPIPS weights (.npz or lpips .pth); '' skips LPIPS.")
+
+
+def _write(workdir: str, task: str, result: dict) -> str:
+    """Writes DIR/eval/<task>.json; returns the eval directory."""
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{task}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return out
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -59,11 +74,22 @@ def evaluate_tokenizer(workdir: str, n: int, lpips_weights: str) -> dict:
     if config.prepare.sources.validation == "shapes":
         result["oracle_agreement"] = oracle_agreement(images, reconstructions)
     result["step"] = tokenizer.step
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
+    out = _write(workdir, "reconstruction", result)
     save_grid(images[:16], reconstructions[:16], os.path.join(out, "reconstruction.png"))
-    with open(os.path.join(out, "reconstruction.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    return result
+
+
+def evaluate_retriever(workdir: str, n: int) -> dict:
+    """Recall@k of the retriever in `workdir` on n validation documents; writes DIR/eval/retrieval.json."""
+    config = _run_config(workdir)
+    directory = prepared_dir(config)
+    paths = split_paths(directory, "validation") if directory else []
+    if not paths:
+        raise UserError(f"{workdir}: its data ({config.data.source}) has no validation split to evaluate on")
+    documents = ArrayRecordDocuments(paths)
+    records = [documents[i] for i in range(min(n, len(documents)))]
+    result = evaluate_retrieval(RetrievalEncoder.load(workdir), records)
+    _write(workdir, "retrieval", result)
     return result
 
 
@@ -74,7 +100,10 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     logs.quiet_third_party_logs()
-    result = evaluate_tokenizer(_WORKDIR.value, _N.value, _LPIPS.value)
+    if _TASK.value == "retrieval":
+        result = evaluate_retriever(_WORKDIR.value, _N.value)
+    else:
+        result = evaluate_tokenizer(_WORKDIR.value, _N.value, _LPIPS.value)
     print(json.dumps(result))
 
 
