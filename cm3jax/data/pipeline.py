@@ -64,10 +64,11 @@ def prepared_bad_records(config: ml_collections.ConfigDict) -> int:
 class DocumentTransform(grain.transforms.RandomMap):
     """Token record -> CM3 document `{'tokens', 'weights'}` cut to `max_tokens`."""
 
-    def __init__(self, vocab: vocab_lib.Vocab, config: ml_collections.ConfigDict):
+    def __init__(self, vocab: vocab_lib.Vocab, config: ml_collections.ConfigDict, split: str = "train"):
         self.vocab, self.max_tokens = vocab, config.data.seq_len + 1
         self.image_first_probability = config.data.image_first_probability
-        self.retrieved_in_loss = config.data.retrieved_in_loss
+        # Eval measures the document given its neighbours: retrieved tokens never count there.
+        self.retrieved_in_loss = config.data.retrieved_in_loss and split == "train"
         self.options = cm3.CM3Options(**config.data.cm3.to_dict())
 
     def _document(self, record: dict, rng: np.random.Generator) -> np.ndarray:
@@ -124,7 +125,7 @@ def _prepared_dataset(config, directory: str, split: str, process_index: int,
     if split == "train":
         documents = documents.shuffle(seed=config.seed)
     documents = documents.repeat(None)
-    documents = documents.random_map(DocumentTransform(vocab, config), seed=config.seed)
+    documents = documents.random_map(DocumentTransform(vocab, config, split), seed=config.seed)
     documents = documents[process_index::process_count]
     seq_plus_one = config.data.seq_len + 1
     rows = grain.experimental.FirstFitPackIterDataset(

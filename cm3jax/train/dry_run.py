@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from cm3jax import config as config_lib
+from cm3jax.errors import UserError
 from cm3jax.models import accounting
 from cm3jax.train.state import build_state_spec
 
@@ -20,6 +21,9 @@ GIB = 2**30
 def describe(config: ml_collections.ConfigDict, num_devices: int) -> dict:
     """Model size, compute and per-device memory of `config` on `num_devices` devices."""
     mesh_shape = config_lib.validate(config, num_devices)
+    if config.task != "lm":
+        raise UserError(f"--dry_run describes the LM (config.task='lm'); this config trains "
+                        f"config.task={config.task!r}")
     mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
     spec = build_state_spec(config, mesh)
     params, cfg = spec.abstract["params"], spec.model_config

@@ -78,10 +78,26 @@ class RetrieverTask(tasks.Task):
             raise ConfigError("retriever.text_vocab_size", f"{self.model_config.text_vocab_size} is "
                               f"smaller than vocab.text_size={config.vocab.text_size}")
         self.vision_key = "codes" if self.model_config.vision_input == "codes" else "images"
+        self._check_mesh(mesh)
         super().__init__(config, mesh)
         check_prepared_vocab(self.directory, self.vocab)
         if self.vision_key == "codes":
             self._check_codes()
+
+    def _check_mesh(self, mesh) -> None:
+        """Every sharded parameter dimension divides its mesh axis (partitioning.LOGICAL_RULES)."""
+        cfg, sizes = self.model_config, dict(mesh.shape)
+        dims = [("text_vocab_size", cfg.text_vocab_size, "tensor"), ("text_heads", cfg.text_heads, "tensor"),
+                ("text_mlp_dim", cfg.text_mlp_dim, "tensor"), ("text_width", cfg.text_width, "fsdp"),
+                ("vision_heads", cfg.vision_heads, "tensor"), ("vision_mlp_dim", cfg.vision_mlp_dim, "tensor"),
+                ("vision_width", cfg.vision_width, "fsdp")]
+        if cfg.vision_input == "codes":  # the code table's width: vision_width / code_patch**2
+            dims.append(("code_patch", cfg.vision_width // cfg.code_patch**2, "fsdp"))
+        for field, size, axis in dims:
+            if size % sizes[axis]:
+                what = "vision_width / code_patch**2 = " if field == "code_patch" else ""
+                raise ConfigError(f"retriever.{field}", f"{what}{size} is not divisible by "
+                                  f"mesh.{axis}={sizes[axis]}")
 
     def _check_codes(self) -> None:
         """The prepared codes fit the code tower: grid and codebook size."""
