@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# The end-to-end demo a newcomer runs first (about 15 minutes on a 2-core CPU). Each stage is
+# The end-to-end demo a newcomer runs first (about 20 minutes on a 2-core CPU). Each stage is
 # one cm3jax command writing a normal --workdir, so this script is also the tutorial:
 #   1. trains the shapes VQGAN image tokenizer (32x32 scenes -> 16x16 codes) and evaluates
 #      its reconstructions (PSNR, codebook use, shapes-oracle agreement);
 #   2. prepares the shapes benchmark with it: BPE text tokenizer + VQGAN image codes, 20k
-#      caption/image documents in ArrayRecord shards, and shows two training rows;
-#   3. trains the tiny mixed-modal LM on it with the CM3 objective, sharded over 8 fake CPU
-#      devices (data=2 x fsdp=2 x tensor=2), with checkpoints, eval loss and metrics,
-#      pre-empting it with SIGTERM after step 50 and resuming with the same command;
-#   4. prints the loss summary and the CM3leon-350M dry run (parameters, FLOPs, memory).
+#      caption/image documents in ArrayRecord shards;
+#   3. trains the retriever (CLIP-style dual encoder over captions and codes), embeds the
+#      memory, builds the dense index and every document's two neighbours, and shows a
+#      search and a retrieval-augmented training row;
+#   4. trains the tiny mixed-modal LM on retrieval-augmented documents with the CM3
+#      objective, sharded over 8 fake CPU devices (data=2 x fsdp=2 x tensor=2), pre-empting
+#      it with SIGTERM after step 50 and resuming with the same command;
+#   5. prints the loss summary and the CM3leon-350M dry run (parameters, FLOPs, memory).
 #
-#   launch/demo.sh [WORKDIR]      (default: demo_run; stages write WORKDIR/vqgan,
-#                                  WORKDIR/data and WORKDIR/lm)
+#   launch/demo.sh [WORKDIR]      (default: demo_run; stages write WORKDIR/vqgan, WORKDIR/data,
+#                                  WORKDIR/retriever, WORKDIR/index and WORKDIR/lm)
 # A stage that is already complete is skipped when the demo runs again, and a killed demo
 # resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-demo_run}
 mkdir -p "$root"
-vqgan="$root/vqgan" data="$root/data" lm="$root/lm"
+vqgan="$root/vqgan" data="$root/data" retriever="$root/retriever" index="$root/index" lm="$root/lm"
 
 fail() { echo "stage failed; the last lines of $1:"; tail -n 20 "$1"; exit 1; }
 progress() { grep -E "resuming|already trained|step [0-9]+/" "$1" | sed 's/^.*\] //' | tail -n "$2"; }
@@ -41,17 +44,33 @@ echo "== 2. preparing the shapes benchmark into $data with that tokenizer"
 prepare=(python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir="$data"
          --config.prepare.image_tokenizer="vqgan:$vqgan")
 "${prepare[@]}" 2>"$root/prepare.log" || fail "$root/prepare.log"
-python -m cm3jax.data.inspect --config=experiments/tiny_lm.py --workdir="$data" --n=2 2>>"$root/prepare.log" \
-  || fail "$root/prepare.log"
+
+echo "== 3. training the retriever into $retriever, then the index and neighbours into $index"
+mkdir -p "$retriever"
+python -m cm3jax.train --config=experiments/shapes_retriever.py --workdir="$retriever" \
+  --config.data.source="prepared:$data" 2>>"$retriever/train.log" || fail "$retriever/train.log"
+progress "$retriever/train.log" 2
+python -m cm3jax.retrieval.build --config=experiments/tiny_lm.py --workdir="$index" \
+  --config.data.source="prepared:$data" --config.retrieval.encoder="$retriever" >/dev/null 2>"$root/build.log" \
+  || fail "$root/build.log"
+grep -E "neighbours of" "$root/build.log" | sed 's/^.*\] /   /'
+python - "$index" 2>>"$root/build.log" <<'PY'
+import sys
+from cm3jax.retrieval import Retriever
+query = "a large red circle in the centre"
+print(f"   search {query!r}: " + " | ".join(f"{r.caption!r} ({r.score:.2f})" for r in Retriever.load(sys.argv[1]).search(text=[query], k=2)[0]))
+PY
+rag=(--config.data.source="prepared:$data" --config.retrieval.enabled=True --config.retrieval.neighbours="$index")
+python -m cm3jax.data.inspect --config=experiments/tiny_lm.py --workdir="$data" --n=1 "${rag[@]}" 2>>"$root/build.log" \
+  || fail "$root/build.log"
 
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm"
-       --config.data.source="prepared:$data" --config.total_steps=120
+train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm" "${rag[@]}" --config.total_steps=120
        --config.eval_every=60 --config.mesh.fsdp=2 --config.mesh.tensor=2)
 mkdir -p "$lm"
 log="$lm/train.log"
 if [[ ! -d "$lm/checkpoints" ]]; then
-  echo "== 3. training the tiny LM (120 steps); pre-empting it with SIGTERM after step 50"
+  echo "== 4. training the tiny LM on retrieval-augmented documents (120 steps); SIGTERM after step 50"
   "${train[@]}" 2>>"$log" &
   pid=$!
   until [[ -f "$lm/metrics.jsonl" ]] && (( $(wc -l <"$lm/metrics.jsonl") >= 50 )); do
@@ -63,12 +82,12 @@ if [[ ! -d "$lm/checkpoints" ]]; then
   echo "   saved and exited 0 at step $(ls "$lm/checkpoints" | sort -n | tail -1)"
   echo "   the same command again resumes from that checkpoint and trains to step 120"
 else
-  echo "== 3. resuming the tiny LM from its newest checkpoint in $lm"
+  echo "== 4. resuming the tiny LM from its newest checkpoint in $lm"
 fi
 "${train[@]}" 2>>"$log" || fail "$log"
 progress "$log" 6
 
-echo "== 4. summary"
+echo "== 5. summary"
 python - "$lm" <<'PY'
 import json, math, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
@@ -79,7 +98,7 @@ print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.3f} -> {last
       f"eval loss {last.get('eval_loss', float('nan')):.3f}")
 print(f"throughput {last['tokens_per_sec']:.0f} tokens/s, MFU {100 * last['mfu']:.1f}% of the measured CPU matmul peak")
 PY
-echo "== 5. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
+echo "== 6. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
 python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run --dry_run_devices=256 2>/dev/null | grep -v '^{'
-echo "demo finished: VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png),"
-echo "  data in $data, LM in $lm (metrics.jsonl, TensorBoard events in $lm/tensorboard)"
+echo "demo finished: VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png), data in $data,"
+echo "  retriever in $retriever, index + neighbours in $index, LM in $lm (metrics.jsonl, TensorBoard in $lm/tensorboard)"

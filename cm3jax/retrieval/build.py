@@ -132,7 +132,10 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
     policy = RetrievalPolicy.from_config(config.retrieval)
     if not config.retrieval.encoder:
         raise ConfigError("retrieval.encoder", "empty: name the workdir of a task='retriever' run")
-    encoder = RetrievalEncoder.load(config.retrieval.encoder)
+    try:
+        encoder = RetrievalEncoder.load(config.retrieval.encoder)
+    except UserError as e:
+        raise ConfigError("retrieval.encoder", str(e)) from e
     if encoder.cfg.vision_input != "codes":
         raise ConfigError("retrieval.encoder", f"{encoder.source} reads pixels; the build embeds prepared "
                           "documents, whose images are codes: train the retriever with vision_input='codes'")
@@ -142,8 +145,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manifest = {"data": os.path.abspath(data), "encoder": encoder.source, "encoder_checksum": encoder.checksum,
                 "k": policy.k, "counts": {s: len(d) for s, d in documents.items() if d is not None},
                 "policy": {k: v for k, v in config.retrieval.to_dict().items() if k not in RUN_ONLY_FIELDS}}
-    _check_previous_build(workdir, manifest)
-    if jax.process_index() == 0:
+    previous = _check_previous_build(workdir, manifest)
+    if jax.process_index() == 0 and not (previous or {}).get("complete"):
         _write_manifest(workdir, manifest | {"complete": False})
     chunk = config.retrieval.chunk_docs
     for split, docs in documents.items():
@@ -191,17 +194,23 @@ def _write_manifest(workdir: str, manifest: dict) -> None:
     _atomic_save(os.path.join(workdir, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
 
-def _check_previous_build(workdir: str, manifest: dict) -> None:
-    """Refuses to resume a build made from other data, another encoder or another policy."""
+def _check_previous_build(workdir: str, manifest: dict) -> dict | None:
+    """The previous build.json, after refusing one made from other data, encoder or policy."""
     path = os.path.join(workdir, MANIFEST)
     if not os.path.exists(path):
-        return
+        return None
     with open(path) as f:
         previous = json.load(f)
     for key in ("data", "encoder_checksum", "counts", "policy"):
-        if previous.get(key) != manifest[key]:
-            raise UserError(f"{workdir} holds a build with another {key} ({previous.get(key)!r}); "
-                            "build into a new --workdir or delete that one")
+        if previous.get(key) == manifest[key]:
+            continue
+        what = f"another {key} ({previous.get(key)!r})"
+        if key == "policy":
+            old, new = previous.get("policy") or {}, manifest["policy"]
+            what = "another policy: " + ", ".join(f"retrieval.{k} {old.get(k)!r} -> {new.get(k)!r}"
+                             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
+        raise UserError(f"{workdir} holds a build with {what}; build into a new --workdir or delete that one")
+    return previous
 
 
 def main(argv: list[str]) -> None:

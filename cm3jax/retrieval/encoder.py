@@ -118,11 +118,19 @@ class RetrievalEncoder:
         if images.ndim != len(expected) + 1 or (cfg.vision_input == "codes" and images.shape[1:] != expected):
             raise UserError(f"images must be [N, {', '.join(map(str, expected))}] for this retriever "
                             f"(vision_input={cfg.vision_input!r}), got shape {images.shape}")
+        if cfg.vision_input == "codes":
+            if not np.issubdtype(images.dtype, np.integer):
+                raise UserError(f"codes must be integers, got dtype {images.dtype}")
+            if images.size and (images.min() < 0 or images.max() >= cfg.codebook_size):
+                raise UserError(f"codes outside [0, {cfg.codebook_size}) (this retriever's codebook_size)")
         return self._batched(lambda p, x: self._image(p, x), images)
 
     def embed_documents(self, texts: Sequence[np.ndarray], images: np.ndarray,
                         has_image: np.ndarray | None = None) -> np.ndarray:
-        """Mean of the text and image embeddings of each document ([N, dim] float32).
+        """Mean of the text and image embeddings of each document, re-normalised ([N, dim] float32).
+
+        Re-normalising keeps every score a cosine, so the policy's thresholds (0.9) mean the
+        same for documents, texts and images.
 
         `has_image[i]=False` marks a text-only document (its image row is ignored); a
         document with empty text is its image embedding.
@@ -134,7 +142,9 @@ class RetrievalEncoder:
         if not np.all(has_text | has_image):
             raise UserError("a document with neither text nor an image cannot be embedded")
         both = (has_text & has_image)[:, None]
-        return np.where(both, (text + image) / 2, np.where(has_text[:, None], text, image)).astype(np.float32)
+        mean = text + image
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+        return np.where(both, mean, np.where(has_text[:, None], text, image)).astype(np.float32)
 
     def _batched(self, fn: Callable, *arrays: np.ndarray) -> np.ndarray:
         """Runs `fn(params, *chunk)` over chunks of `batch_size` rows, the last one padded."""

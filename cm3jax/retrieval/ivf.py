@@ -4,6 +4,27 @@ Spherical k-means (Lloyd, inner-product assignment, unit-norm centroids) splits 
 into `nlist` inverted lists, stored CSR-style (`offsets` [nlist + 1], `rows` [N]). A search
 probes the `nprobe` lists whose centroids score highest; nprobe >= nlist scans every row and
 returns the exact results.
+
+Search, list-major (the FAISS IVF strategy): every list is cut into tiles of at most
+IVF_TILE_ROWS rows, stored in bfloat16. For a batch, numpy groups the (query, tile) pairs by
+tile into work items of one tile and up to IVF_GROUP queries, items of a tile next to each
+other (so a tile is read from memory about once per batch, however many queries probe it);
+one jitted call scores every item ([IVF_GROUP, D] x [D, tile], bf16 in, float32 out), then
+gathers each query's candidate scores, keeps its best k + max(k, RESCORE_EXTRA), re-scores
+those in float32 from the float32 rows and returns the top k (ties: lower row first).
+
+Exactness: bf16 rounding moves a score by at most BF16_SCORE_ERROR * |q| * |x|. A query whose
+float32 k-th score beats its pool's lowest bf16 score by more than that bound provably has
+its exact top k in the pool; any other query (rare: needs > 32 near-ties at its k-th score)
+is searched again over the same probed tiles in float32. So nprobe >= nlist returns exactly
+the exact-mode results, and a smaller nprobe the exact top k of the rows it probes.
+
+Why this shape (measured on a 2-core AVX-512 CPU, 100k x 512, nlist 1024, nprobe 16, batch
+256; see benchmarks/index.py): a batch of 256 queries touches most tiles, so the scan is
+bound by the bytes read (bf16 halves them) and by the per-item overhead of small matmuls
+(one lax.map over items in tile order, IVF_ITEM_BATCH items per step; 8 queries per item
+beat 4 or 16, tiles of 64 rows beat 32 or 128); the per-query top-k runs once over
+gathered scores, not once per item.
 """
 
 from __future__ import annotations
@@ -25,11 +46,19 @@ MAX_TRAIN_POINTS_PER_LIST = 256
 ASSIGN_CHUNK = 4096
 # Rows per jitted call when assigning every row to its list after training.
 ASSIGN_ROWS = 65536
-# IVF: queries per work item, and bytes of tile data gathered per step of the scoring loop
-# (both measured best on a 2-core AVX-512 CPU at 100k x 512, nlist 256, nprobe 8 and 32:
-# fewer, fuller items re-read less tile data; small steps keep the gathered tiles in cache).
-IVF_GROUP = 16
-IVF_GATHER_BYTES = 4 << 20
+# IVF search: rows per tile (at most), queries per work item, work items per step of the
+# scoring loop, and queries per step of the merge (bounds its [queries, candidates] block).
+IVF_TILE_ROWS = 64
+IVF_GROUP = 8
+IVF_ITEM_BATCH = 32
+IVF_MERGE_QUERIES = 32
+# Each query re-scores in float32 its best k + max(k, RESCORE_EXTRA) bf16-scored candidates.
+RESCORE_EXTRA = 32
+# |bf16 score - float32 score| <= BF16_SCORE_ERROR * |q| * |x| (Cauchy-Schwarz): both
+# operands rounded to bfloat16 (unit roundoff 2**-8 each) plus float32 accumulation of up to
+# 2**16 products on both sides (2 * 2**16 * 2**-24 = 2**-7; `IvfSearcher` checks D).
+BF16_SCORE_ERROR = 2 * 2**-8 + 2**-16 + 2**-7
+MAX_BOUND_DIM = 2**16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +176,18 @@ def _unit(x: jax.Array) -> jax.Array:
 def _assign(points: jax.Array, centroids: jax.Array, chunk: int) -> jax.Array:
     """Index of each point's highest-inner-product centroid (the first on ties)."""
     blocks = points.reshape(-1, chunk, points.shape[1])
-    return lax.map(lambda b: jnp.argmax(b @ centroids.T, axis=1), blocks).reshape(-1)
+    return lax.map(lambda b: _argmax_rows(b @ centroids.T), blocks).reshape(-1)
+
+
+def _argmax_rows(scores: jax.Array) -> jax.Array:
+    """jnp.argmax(scores, axis=1) (the first column on ties) as a max, then the lowest column
+    index (as float32, exact below 2**24 columns) that reaches it: two plain reductions, about
+    5x faster on CPU than argmax's variadic (value, index) reduce at [4096, 1024]."""
+    if scores.shape[1] >= 2**24:
+        return jnp.argmax(scores, axis=1).astype(jnp.int32)
+    best = scores.max(axis=1, keepdims=True)
+    column = lax.broadcasted_iota(jnp.float32, scores.shape, 1)
+    return jnp.min(jnp.where(scores == best, column, jnp.inf), axis=1).astype(jnp.int32)
 
 
 _assign_jit = jax.jit(_assign, static_argnames="chunk")
@@ -173,69 +213,109 @@ def _assign_rows(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 class IvfSearcher:
-    """IVF search on one device.
+    """IVF search on one device: bf16 list-major scoring, float32 re-scoring (module doc).
 
-    Each list is cut into fixed-size tiles ([T, tile, D], padded slots have row -1). A batch
-    probes its lists in JAX, then numpy groups the (query, tile) pairs into work items of one
-    tile and up to IVF_GROUP queries, and one jitted call scores all items (an
-    [IVF_GROUP, tile] matmul each) and keeps each item's top-k; numpy merges each query's
-    candidates.
+    Tiles [T, tile, D] hold the rows of each list in bfloat16 (stored as uint16: XLA's CPU
+    gather of a bfloat16 array converts the whole array first), padded slots have row -1.
     """
 
     def __init__(self, embeddings: np.ndarray, ivf: IvfLists, device: jax.Device, query_batch: int):
         """Tiles the lists of `embeddings` [N, D] onto `device`; `query_batch` as in
         `search_bucketed`."""
         count, dim = embeddings.shape
-        self._tile = int(np.clip(round_up(-(-count // ivf.nlist), 8), 8, 1024))
+        if dim > MAX_BOUND_DIM:
+            raise UserError(f"IVF search supports dimensions up to {MAX_BOUND_DIM}, not {dim}")
+        self._tile = int(min(IVF_TILE_ROWS, round_up(-(-count // ivf.nlist), 8)))
         tiles, tile_rows, self._first_tile, self._tiles_per_list = _make_tiles(
             embeddings, ivf, self._tile
         )
         self._tiles = jax.device_put(tiles, device)
         self._tile_rows = jax.device_put(tile_rows, device)
+        self._rows = jax.device_put(np.asarray(embeddings), device)  # float32 re-scoring
         self._centroids = jax.device_put(ivf.centroids, device)
+        # Largest row norm, rounded up a little (the error bound scales with it).
+        self._max_norm = float(np.sqrt(_max_squared_norm(embeddings))) * (1 + 1e-5) + 1e-30
         self.sharding = self._tiles.sharding
         self._query_batch = query_batch
-        self._items_per_step = max(2, IVF_GATHER_BYTES // (self._tile * dim * embeddings.itemsize))
         self._probe = jax.jit(_probe, static_argnames="nprobe")
-        self._score = jax.jit(_score_items, static_argnames=("k", "batch"))
+        self._search = jax.jit(_search_items, static_argnames=("k", "pool", "exact"))
 
     def search(
         self, queries: np.ndarray, exclude_rows: np.ndarray, k: int, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows among the `nprobe` best lists of every query."""
+        pool = k + max(k, RESCORE_EXTRA)
 
         def run(padded: np.ndarray, exclude: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
             probes = np.asarray(self._probe(padded, self._centroids, nprobe=nprobe))[:n]
-            item_tile, item_queries = _dispatch(probes, self._first_tile, self._tiles_per_list)
-            scores, rows = self._score(
-                self._tiles,
-                self._tile_rows,
-                padded,
-                exclude,
-                item_tile,
-                item_queries,
-                k=min(k, self._tile),
-                batch=min(self._items_per_step, len(item_tile)),
+            top, rows, floor = (
+                np.array(x) for x in self._scan(padded, exclude, probes, np.arange(n), k, pool, False)
             )
-            return _merge_candidates(np.asarray(scores), np.asarray(rows), item_queries, n, k)
+            # Certified: no row outside the pool (bf16 score <= floor) can reach the k-th.
+            bound = BF16_SCORE_ERROR * self._max_norm * np.linalg.norm(padded[:n], axis=1)
+            redo = np.flatnonzero(~((floor[:n] == -np.inf) | (top[:n, -1] > floor[:n] + bound)))
+            if len(redo):  # float32 over the same probed tiles
+                exact_top, exact_rows, _ = self._scan(padded, exclude, probes[redo], redo, k, pool, True)
+                top[redo], rows[redo] = np.asarray(exact_top)[redo], np.asarray(exact_rows)[redo]
+            return top, rows
 
         return search_bucketed(run, queries, exclude_rows, self._query_batch)
+
+    def _scan(
+        self,
+        queries: np.ndarray,
+        exclude: np.ndarray,
+        probes: np.ndarray,
+        query_ids: np.ndarray,
+        k: int,
+        pool: int,
+        exact: bool,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Top-k (scores, rows, pool floor) of `queries[query_ids]` over their probed lists."""
+        item_tile, item_queries, query_slots = _plan(
+            probes, query_ids, len(queries), self._first_tile, self._tiles_per_list
+        )
+        return self._search(
+            self._tiles,
+            self._tile_rows,
+            self._rows,
+            queries,
+            exclude,
+            item_tile,
+            item_queries,
+            query_slots,
+            k=k,
+            pool=pool,
+            exact=exact,
+        )
+
+
+def _max_squared_norm(embeddings: np.ndarray) -> float:
+    """Largest squared row norm, in float64, read in chunks (the rows may be memory-mapped)."""
+    best = 0.0
+    for start in range(0, len(embeddings), ASSIGN_ROWS):
+        part = np.asarray(embeddings[start : start + ASSIGN_ROWS], np.float64)
+        best = max(best, float(np.einsum("nd,nd->n", part, part).max(initial=0.0)))
+    return best
 
 
 def _make_tiles(
     embeddings: np.ndarray, ivf: IvfLists, tile: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tiles [T, tile, D], their rows [T, tile] (-1 = empty slot), and per list its first
-    tile and its number of tiles."""
+    """Tiles [T, tile, D] (bfloat16 bits as uint16), their rows [T, tile] (-1 = empty slot),
+    and per list its first tile and its number of tiles."""
     sizes = np.diff(ivf.offsets)
     tiles_per_list = -(-sizes // tile)
     first_tile = np.cumsum(tiles_per_list) - tiles_per_list
     list_of = np.repeat(np.arange(ivf.nlist), sizes)
     position = np.arange(len(ivf.rows)) - ivf.offsets[list_of]
     which, slot = first_tile[list_of] + position // tile, position % tile
-    tiles = np.zeros((tiles_per_list.sum(), tile, embeddings.shape[1]), embeddings.dtype)
+    tiles = np.zeros((tiles_per_list.sum(), tile, embeddings.shape[1]), np.uint16)
     tile_rows = np.full((tiles_per_list.sum(), tile), -1, np.int32)
-    tiles[which, slot] = embeddings[ivf.rows]
+    for start in range(0, len(ivf.rows), ASSIGN_ROWS):  # bounded float32 temporaries
+        part = slice(start, start + ASSIGN_ROWS)
+        rows = np.asarray(embeddings[ivf.rows[part]], np.float32)
+        tiles[which[part], slot[part]] = rows.astype(jnp.bfloat16).view(np.uint16)
     tile_rows[which, slot] = ivf.rows
     return tiles, tile_rows, first_tile, tiles_per_list
 
@@ -245,16 +325,28 @@ def _probe(queries: jax.Array, centroids: jax.Array, *, nprobe: int) -> jax.Arra
     return lax.top_k(queries @ centroids.T, nprobe)[1]
 
 
-def _dispatch(
-    probes: np.ndarray, first_tile: np.ndarray, tiles_per_list: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Work items: item_tile [I] and item_queries [I, IVF_GROUP] (-1 = empty slot); I is
-    padded by `bucket_size` (padding items score tile 0 for no query).
+def _plan(
+    probes: np.ndarray,
+    query_ids: np.ndarray,
+    num_queries: int,
+    first_tile: np.ndarray,
+    tiles_per_list: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work items of one tile and up to IVF_GROUP queries, and each query's slots.
+
+    Args:
+      probes: [P, nprobe] lists probed by query `query_ids[p]` (of `num_queries`).
+
+    Returns:
+      item_tile [I] and item_queries [I, IVF_GROUP] (-1 = empty slot), items in tile order; I
+      is padded by `bucket_size` (padding items score tile 0 for no query).
+      query_slots [num_queries, C]: the slots (item * IVF_GROUP + position) that score each
+      query, I * IVF_GROUP for none; C is the largest count, padded by `bucket_size`.
     """
-    num_queries, nprobe = probes.shape
+    nprobe = probes.shape[1]
     lists = probes.reshape(-1)
     counts = tiles_per_list[lists]
-    query = np.repeat(np.repeat(np.arange(num_queries), nprobe), counts)
+    query = np.repeat(np.repeat(query_ids, nprobe), counts)
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     tile = np.repeat(first_tile[lists], counts) + within
     order = np.lexsort((query, tile))
@@ -264,57 +356,85 @@ def _dispatch(
     first_item = np.cumsum(items_per_tile) - items_per_tile
     rank = np.arange(len(tile)) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
     item = first_item[tile] + rank // IVF_GROUP
-    num_items = bucket_size(max(1, items_per_tile.sum()))
+    num_items = bucket_size(max(1, int(items_per_tile.sum())))
     item_tile = np.zeros(num_items, np.int32)
     item_queries = np.full((num_items, IVF_GROUP), -1, np.int32)
     item_tile[item] = tile
     item_queries[item, rank % IVF_GROUP] = query
-    return item_tile, item_queries
+    slot = item * IVF_GROUP + rank % IVF_GROUP
+    by_query = np.argsort(query, kind="stable")
+    per_query = np.bincount(query, minlength=num_queries)
+    position = np.arange(len(query)) - np.repeat(np.cumsum(per_query) - per_query, per_query)
+    query_slots = np.full(
+        (num_queries, bucket_size(max(1, int(per_query.max(initial=0))))),
+        num_items * IVF_GROUP,
+        np.int32,
+    )
+    query_slots[query[by_query], position] = slot[by_query]
+    return item_tile, item_queries, query_slots
 
 
-def _score_items(
+def _search_items(
     tiles: jax.Array,
     tile_rows: jax.Array,
+    rows: jax.Array,
     queries: jax.Array,
     exclude: jax.Array,
     item_tile: jax.Array,
     item_queries: jax.Array,
+    query_slots: jax.Array,
     *,
     k: int,
-    batch: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Per item: the top-k (scores, rows) of each of its queries within its tile."""
+    pool: int,
+    exact: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k (scores, rows, floor) of every query over the slots `_plan` gave it.
 
-    def score(item: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        tile, query = item
-        who = jnp.maximum(query, 0)
-        rows = tile_rows[tile]
-        scores = queries[who] @ tiles[tile].astype(jnp.float32).T
-        keep = (rows >= 0)[None, :] & (rows[None, :] != exclude[who][:, None])
-        top, at = lax.top_k(jnp.where(keep, scores, -jnp.inf), k)
-        return top, jnp.where(top > -jnp.inf, rows[at], -1)
-
-    return lax.map(score, (item_tile, item_queries), batch_size=batch)
-
-
-def _merge_candidates(
-    scores: np.ndarray, rows: np.ndarray, owners: np.ndarray, num_queries: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, the top-k of its candidates (score descending, then row ascending).
-
-    Args:
-      scores, rows: [I, G, c] candidates of every item slot (row -1 = none).
-      owners: [I, G] the query of each item slot (-1 = empty slot).
+    exact=False scores the bf16 tiles, keeps each query's best `pool` and re-scores them in
+    float32 from `rows`; floor is the lowest bf16 score in the pool (-inf when the pool holds
+    every candidate), the most any row outside it scored. exact=True scores float32 rows
+    gathered from `rows` (floor -inf).
     """
-    owner = np.broadcast_to(owners[..., None], rows.shape)
-    valid = (owner >= 0) & (rows >= 0)
-    scores, rows, owner = scores[valid], rows[valid], owner[valid]
-    order = np.lexsort((rows, -scores, owner))
-    scores, rows, owner = scores[order], rows[order], owner[order]
-    rank = np.arange(len(owner)) - np.searchsorted(owner, owner)
-    keep = rank < k
-    top = np.full((num_queries, k), -np.inf, np.float32)
-    top_rows = np.full((num_queries, k), -1, np.int64)
-    top[owner[keep], rank[keep]] = scores[keep]
-    top_rows[owner[keep], rank[keep]] = rows[keep]
-    return top, top_rows
+    tile = tile_rows.shape[1]
+
+    def score(item: tuple[jax.Array, jax.Array]) -> jax.Array:
+        which, query = item
+        group = queries[jnp.maximum(query, 0)]
+        if exact:
+            data = rows[jnp.maximum(tile_rows[which], 0)].astype(jnp.float32)
+            return group @ data.T
+        data = lax.bitcast_convert_type(tiles[which], jnp.bfloat16)
+        return jnp.einsum(
+            "gd,td->gt", group.astype(jnp.bfloat16), data, preferred_element_type=jnp.float32
+        )
+
+    scores = lax.map(score, (item_tile, item_queries), batch_size=IVF_ITEM_BATCH)
+    none = scores.shape[0] * scores.shape[1]  # the slot index of "no slot"
+    scores = jnp.concatenate([scores.reshape(-1, tile), jnp.full((1, tile), -jnp.inf)])
+    slot_tile = jnp.concatenate([jnp.repeat(item_tile, item_queries.shape[1]), jnp.zeros(1, jnp.int32)])
+
+    def merge(xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        slots, query, excluded = xs
+        found = tile_rows[slot_tile[slots]]  # [C, tile]
+        keep = (found >= 0) & (found != excluded) & (slots < none)[:, None]
+        candidates = jnp.where(keep, scores[slots], -jnp.inf).reshape(-1)
+        found = found.reshape(-1)
+        width = max(pool, k)
+        if candidates.shape[0] < width:  # fewer candidate slots than the pool: pad
+            candidates = jnp.pad(candidates, (0, width - candidates.shape[0]), constant_values=-jnp.inf)
+            found = jnp.pad(found, (0, width - found.shape[0]), constant_values=-1)
+        top, at = lax.top_k(candidates, width)
+        found = jnp.where(top > -jnp.inf, found[at], -1)
+        if exact:
+            rescored = top
+        else:
+            data = rows[jnp.maximum(found, 0)].astype(jnp.float32)
+            rescored = jnp.where(top > -jnp.inf, data @ query, -jnp.inf)
+        found, rescored = lax.sort((found, rescored), num_keys=1)  # ties: lower row first
+        best, at = lax.top_k(rescored, k)
+        # top.min(), not top[-1]: slicing the top_k output makes XLA:CPU replace its TopK
+        # call by a full sort of the candidates (the whole search ran ~5x slower).
+        floor = jnp.full((), -jnp.inf) if exact else top.min()
+        return best, jnp.where(best > -jnp.inf, found[at], -1), floor
+
+    return lax.map(merge, (query_slots, queries, exclude), batch_size=IVF_MERGE_QUERIES)
