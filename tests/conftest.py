@@ -90,3 +90,15 @@ def tiny_config_fixture():
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+def prepare_palette_shapes(directory, train: int, validation: int, per_shard: int):
+    """Prepares `train` / `validation` shapes scenes with the palette tokenizer into `directory`."""
+    from cm3jax.data.prepare import prepare
+
+    prepare(experiment_config("shapes_data", {
+        **PALETTE_OVERRIDES, "prepare.shapes_records.train": train,
+        "prepare.shapes_records.validation": validation, "prepare.records_per_shard": per_shard,
+        "prepare.num_workers": 1}), str(directory))
+    return directory
+

@@ -10,23 +10,17 @@ import numpy as np
 import pytest
 
 import train_cli as cli
-from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config
+from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config, prepare_palette_shapes
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3, records
 from cm3jax.data.pipeline import make_dataset
-from cm3jax.data.prepare import prepare
 
 TRAIN_RECORDS = 48
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    config = experiment_config("shapes_data", {
-        **PALETTE_OVERRIDES, "prepare.shapes_records.train": TRAIN_RECORDS, "prepare.shapes_records.validation": 16,
-        "prepare.records_per_shard": 16, "prepare.num_workers": 1})
-    directory = tmp_path_factory.mktemp("shapes")
-    prepare(config, str(directory))
-    return directory
+    return prepare_palette_shapes(tmp_path_factory.mktemp("shapes"), TRAIN_RECORDS, 16, per_shard=16)
 
 
 def _config(prepared, **overrides):

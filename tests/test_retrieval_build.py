@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 import train_cli as cli
-from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config
+from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config, prepare_palette_shapes
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
 from cm3jax.data.pipeline import make_dataset
-from cm3jax.data.prepare import prepare
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError
 from cm3jax.retrieval import build as build_lib
@@ -70,13 +69,8 @@ RETRIEVER = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    config = experiment_config("shapes_data", {
-        **PALETTE_OVERRIDES, "prepare.shapes_records.train": COUNTS["train"],
-        "prepare.shapes_records.validation": COUNTS["validation"], "prepare.records_per_shard": 60,
-        "prepare.num_workers": 1})
-    directory = tmp_path_factory.mktemp("shapes")
-    prepare(config, str(directory))
-    return directory
+    return prepare_palette_shapes(tmp_path_factory.mktemp("shapes"), COUNTS["train"], COUNTS["validation"],
+                                  per_shard=60)
 
 
 @pytest.fixture(scope="module")

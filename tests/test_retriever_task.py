@@ -18,9 +18,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import train_cli as cli
-from conftest import PALETTE_OVERRIDES, REPO_ROOT, experiment_config
+from conftest import PALETTE_OVERRIDES, REPO_ROOT, experiment_config, prepare_palette_shapes
 from cm3jax.config import validate
-from cm3jax.data.prepare import prepare
 from cm3jax.errors import ConfigError
 from cm3jax.train import partitioning, tasks
 
@@ -50,12 +49,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """96 train / 32 validation palette shapes records."""
-    config = experiment_config("shapes_data", {
-        **PALETTE_OVERRIDES, "prepare.shapes_records.train": 96, "prepare.shapes_records.validation": 32,
-        "prepare.records_per_shard": 32, "prepare.num_workers": 1})
-    directory = tmp_path_factory.mktemp("shapes")
-    prepare(config, str(directory))
-    return directory
+    return prepare_palette_shapes(tmp_path_factory.mktemp("shapes"), 96, 32, per_shard=32)
 
 
 def _config(prepared, **overrides):

@@ -19,6 +19,18 @@ from cm3jax.errors import UserError
 MANIFEST = "build.json"
 
 
+def read_build_manifest(build_dir: str, where: str) -> dict:
+    """build.json of a complete retrieval build; UserError starting with `where` otherwise."""
+    path = os.path.join(build_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: no {MANIFEST}; run python -m cm3jax.retrieval.build first")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not manifest.get("complete"):
+        raise UserError(f"{where}: the build is incomplete; re-run cm3jax.retrieval.build to finish it")
+    return manifest
+
+
 def open_neighbours(build_dir: str, data_dir: str, split: str, count: int) -> np.ndarray:
     """int64 [count, k] neighbour rows of `split`, after checking the build matches the data.
 
@@ -27,13 +39,7 @@ def open_neighbours(build_dir: str, data_dir: str, split: str, count: int) -> np
         made from other prepared data, or has another number of documents.
     """
     where = f"config.retrieval.neighbours={build_dir!r}"
-    path = os.path.join(build_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: no {MANIFEST}; run python -m cm3jax.retrieval.build first")
-    with open(path) as f:
-        manifest = json.load(f)
-    if not manifest.get("complete"):
-        raise UserError(f"{where}: the build is incomplete; re-run cm3jax.retrieval.build to finish it")
+    manifest = read_build_manifest(build_dir, where)
     if os.path.abspath(manifest["data"]) != os.path.abspath(data_dir):
         raise UserError(f"{where} was built from {manifest['data']}, not from {os.path.abspath(data_dir)}")
     if manifest["counts"].get(split) != count:

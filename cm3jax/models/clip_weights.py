@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from cm3jax.errors import ConfigError, UserError
+from cm3jax.models.torch_state import read_torch_state_dict
 from cm3jax.models.dual_encoder import DualEncoder, DualEncoderConfig, TowerDims, abstract_dual_encoder
 
 # State-dict keys of a transformers.CLIPModel that carry no weights (older checkpoints store them).
@@ -219,21 +220,7 @@ def _read_weights_file(path: str) -> dict[str, np.ndarray]:
             return {k: _to_numpy(v) for k, v in load_file(path).items()}
         except Exception as e:  # safetensors raises its own error types on bad files
             raise UserError(f"{path}: not a readable .safetensors file ({e})") from e
-    try:
-        import torch
-    except ImportError as e:
-        raise UserError(f"reading the PyTorch weights {path} needs torch, which is not installed "
-                        "(use a .safetensors file instead)") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt or non-torch file
-        raise UserError(f"{path}: not a readable PyTorch state dict "
-                        f"({type(e).__name__}: {e})") from e
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise UserError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return {str(k): _to_numpy(v) for k, v in state.items()}
+    return read_torch_state_dict(path, "use a .safetensors file instead")
 
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from cm3jax.errors import UserError
+from cm3jax.models.torch_state import read_torch_state_dict
 from cm3jax.models.vqgan import CONV_KERNEL_NAMES
 
 # torchvision vgg16.features: (index of the conv in `features`, in channels, out channels) of
@@ -198,25 +199,8 @@ def load_npz(path: str) -> LPIPS:
 
 
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state dict file as float32 numpy arrays (torch is imported here only)."""
-    try:
-        import torch
-    except ImportError as e:
-        raise UserError(f"reading the PyTorch weights {path} needs torch, which is not installed "
-                        "(convert them once elsewhere: load_lpips_weights + save_npz)") from e
-    if not os.path.isfile(path):
-        raise UserError(f"LPIPS weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt or non-torch file
-        raise UserError(f"{path}: not a readable PyTorch state dict "
-                        f"({type(e).__name__}: {e})") from e
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not (isinstance(state, Mapping)
-            and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise UserError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return {str(k): v.detach().to("cpu", torch.float32).numpy() for k, v in state.items()}
+    """A PyTorch state dict file as float32 numpy arrays."""
+    return read_torch_state_dict(path, "convert them once elsewhere: load_lpips_weights + save_npz")
 
 
 def _storage_name(key: str) -> str | None:

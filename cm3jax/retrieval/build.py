@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cm3jax import logs
+from cm3jax.data.neighbours import MANIFEST
 from cm3jax.data.pipeline import check_prepared_vocab, prepared_dir
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import ConfigError, UserError
@@ -41,7 +42,6 @@ from cm3jax.retrieval.policy import RetrievalPolicy, drop_query_tokens, select_n
 from cm3jax.vocab import from_config as vocab_from_config
 
 SPLITS = ("train", "validation")
-MANIFEST = "build.json"
 QUERY_BATCH = 1024  # queries searched and filtered at once
 # config.retrieval fields that do not change what a build writes.
 RUN_ONLY_FIELDS = ("enabled", "encoder", "neighbours")

@@ -13,7 +13,7 @@ one jitted call scores every item ([IVF_GROUP, D] x [D, tile], bf16 in, float32 
 gathers each query's candidate scores, keeps its best k + max(k, RESCORE_EXTRA), re-scores
 those in float32 from the float32 rows and returns the top k (ties: lower row first).
 
-Exactness: bf16 rounding moves a score by at most BF16_SCORE_ERROR * |q| * |x|. A query whose
+Exactness: bf16 rounding moves a score by at most `bf16_score_error(D)` |q| |x|. A query whose
 float32 k-th score beats its pool's lowest bf16 score by more than that bound provably has
 its exact top k in the pool; any other query (rare: needs > 32 near-ties at its k-th score)
 is searched again over the same probed tiles in float32. So nprobe >= nlist returns exactly
@@ -54,11 +54,6 @@ IVF_ITEM_BATCH = 32
 IVF_MERGE_QUERIES = 32
 # Each query re-scores in float32 its best k + max(k, RESCORE_EXTRA) bf16-scored candidates.
 RESCORE_EXTRA = 32
-# |bf16 score - float32 score| <= BF16_SCORE_ERROR * |q| * |x| (Cauchy-Schwarz): both
-# operands rounded to bfloat16 (unit roundoff 2**-8 each) plus float32 accumulation of up to
-# 2**16 products on both sides (2 * 2**16 * 2**-24 = 2**-7; `IvfSearcher` checks D).
-BF16_SCORE_ERROR = 2 * 2**-8 + 2**-16 + 2**-7
-MAX_BOUND_DIM = 2**16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +218,6 @@ class IvfSearcher:
         """Tiles the lists of `embeddings` [N, D] onto `device`; `query_batch` as in
         `search_bucketed`."""
         count, dim = embeddings.shape
-        if dim > MAX_BOUND_DIM:
-            raise UserError(f"IVF search supports dimensions up to {MAX_BOUND_DIM}, not {dim}")
         self._tile = int(min(IVF_TILE_ROWS, round_up(-(-count // ivf.nlist), 8)))
         tiles, tile_rows, self._first_tile, self._tiles_per_list = _make_tiles(
             embeddings, ivf, self._tile
@@ -233,8 +226,8 @@ class IvfSearcher:
         self._tile_rows = jax.device_put(tile_rows, device)
         self._rows = jax.device_put(np.asarray(embeddings), device)  # float32 re-scoring
         self._centroids = jax.device_put(ivf.centroids, device)
-        # Largest row norm, rounded up a little (the error bound scales with it).
-        self._max_norm = float(np.sqrt(_max_squared_norm(embeddings))) * (1 + 1e-5) + 1e-30
+        # |bf16 score - float32 score| <= self._error * |q| for every row.
+        self._error = bf16_score_error(dim) * float(np.sqrt(_max_squared_norm(embeddings)))
         self.sharding = self._tiles.sharding
         self._query_batch = query_batch
         self._probe = jax.jit(_probe, static_argnames="nprobe")
@@ -248,15 +241,14 @@ class IvfSearcher:
 
         def run(padded: np.ndarray, exclude: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
             probes = np.asarray(self._probe(padded, self._centroids, nprobe=nprobe))[:n]
-            top, rows, floor = (
-                np.array(x) for x in self._scan(padded, exclude, probes, np.arange(n), k, pool, False)
-            )
+            found = self._scan(padded, exclude, probes, np.arange(n), k, pool, False)
+            top, rows, floor = (np.array(x) for x in found)
             # Certified: no row outside the pool (bf16 score <= floor) can reach the k-th.
-            bound = BF16_SCORE_ERROR * self._max_norm * np.linalg.norm(padded[:n], axis=1)
+            bound = self._error * np.linalg.norm(padded[:n].astype(np.float64), axis=1)
             redo = np.flatnonzero(~((floor[:n] == -np.inf) | (top[:n, -1] > floor[:n] + bound)))
             if len(redo):  # float32 over the same probed tiles
-                exact_top, exact_rows, _ = self._scan(padded, exclude, probes[redo], redo, k, pool, True)
-                top[redo], rows[redo] = np.asarray(exact_top)[redo], np.asarray(exact_rows)[redo]
+                exact = self._scan(padded, exclude, probes[redo], redo, k, pool, True)
+                top[redo], rows[redo] = np.asarray(exact[0])[redo], np.asarray(exact[1])[redo]
             return top, rows
 
         return search_bucketed(run, queries, exclude_rows, self._query_batch)
@@ -288,6 +280,19 @@ class IvfSearcher:
             pool=pool,
             exact=exact,
         )
+
+
+def bf16_score_error(dim: int) -> float:
+    """c with |bf16 score - float32 score| <= c * |q| * |x| for D = `dim`.
+
+    Both operands are rounded to bfloat16 (unit roundoff u = 2**-8 each, so each product is
+    off by at most (2u + u**2) |q_i x_i|, and a product of two bf16 values is exact in
+    float32); float32 accumulation of D terms adds at most gamma_D = D 2**-24 / (1 - D 2**-24)
+    times sum |q_i x_i| on each side (the bf16 sum and the float32 re-score), and
+    sum |q_i x_i| <= |q| |x| (Cauchy-Schwarz). Rounded up by 1% and a tiny absolute term.
+    """
+    u, gamma = 2.0**-8, dim * 2.0**-24 / max(1e-9, 1 - dim * 2.0**-24)
+    return (2 * u + u * u + 2.02 * gamma) * 1.01 + 1e-12
 
 
 def _max_squared_norm(embeddings: np.ndarray) -> float:
@@ -396,24 +401,24 @@ def _search_items(
     gathered from `rows` (floor -inf).
     """
     tile = tile_rows.shape[1]
+    scored = queries if exact else queries.astype(jnp.bfloat16)  # converted once, not per item
 
     def score(item: tuple[jax.Array, jax.Array]) -> jax.Array:
         which, query = item
-        group = queries[jnp.maximum(query, 0)]
+        group = scored[jnp.maximum(query, 0)]
         if exact:
-            data = rows[jnp.maximum(tile_rows[which], 0)].astype(jnp.float32)
-            return group @ data.T
+            return group @ rows[jnp.maximum(tile_rows[which], 0)].astype(jnp.float32).T
         data = lax.bitcast_convert_type(tiles[which], jnp.bfloat16)
-        return jnp.einsum(
-            "gd,td->gt", group.astype(jnp.bfloat16), data, preferred_element_type=jnp.float32
-        )
+        return jnp.einsum("gd,td->gt", group, data, preferred_element_type=jnp.float32)
 
     scores = lax.map(score, (item_tile, item_queries), batch_size=IVF_ITEM_BATCH)
     none = scores.shape[0] * scores.shape[1]  # the slot index of "no slot"
     scores = jnp.concatenate([scores.reshape(-1, tile), jnp.full((1, tile), -jnp.inf)])
-    slot_tile = jnp.concatenate([jnp.repeat(item_tile, item_queries.shape[1]), jnp.zeros(1, jnp.int32)])
+    slot_tile = jnp.concatenate(
+        [jnp.repeat(item_tile, item_queries.shape[1]), jnp.zeros(1, jnp.int32)]
+    )
 
-    def merge(xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def merge(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
         slots, query, excluded = xs
         found = tile_rows[slot_tile[slots]]  # [C, tile]
         keep = (found >= 0) & (found != excluded) & (slots < none)[:, None]
@@ -421,8 +426,9 @@ def _search_items(
         found = found.reshape(-1)
         width = max(pool, k)
         if candidates.shape[0] < width:  # fewer candidate slots than the pool: pad
-            candidates = jnp.pad(candidates, (0, width - candidates.shape[0]), constant_values=-jnp.inf)
-            found = jnp.pad(found, (0, width - found.shape[0]), constant_values=-1)
+            missing = (0, width - candidates.shape[0])
+            candidates = jnp.pad(candidates, missing, constant_values=-jnp.inf)
+            found = jnp.pad(found, missing, constant_values=-1)
         top, at = lax.top_k(candidates, width)
         found = jnp.where(top > -jnp.inf, found[at], -1)
         if exact:

@@ -13,16 +13,16 @@ retrieval-augmented generation and re-ranking.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import ml_collections
 import numpy as np
 
+from cm3jax.data.neighbours import read_build_manifest
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError
-from cm3jax.retrieval.build import MANIFEST, load_embeddings
+from cm3jax.retrieval.build import load_embeddings
 from cm3jax.retrieval.encoder import RetrievalEncoder
 from cm3jax.retrieval.index import DenseIndex
 from cm3jax.retrieval.policy import RetrievalPolicy, select_neighbours
@@ -56,13 +56,7 @@ class Retriever:
         Raises:
           UserError: the build is missing or incomplete, or its encoder changed since.
         """
-        path = os.path.join(build_dir, MANIFEST)
-        if not os.path.isfile(path):
-            raise UserError(f"{build_dir}: no {MANIFEST}; run python -m cm3jax.retrieval.build first")
-        with open(path) as f:
-            manifest = json.load(f)
-        if not manifest.get("complete"):
-            raise UserError(f"{build_dir}: the build is incomplete; re-run cm3jax.retrieval.build")
+        manifest = read_build_manifest(build_dir, build_dir)
         workdir, step = manifest["encoder"].rsplit("@", 1)
         encoder = RetrievalEncoder.load(workdir, int(step))
         index = DenseIndex.load(os.path.join(build_dir, "index"), encoder.checksum)
