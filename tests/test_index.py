@@ -7,6 +7,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -14,6 +15,7 @@ from jax.sharding import Mesh
 from cm3jax.errors import UserError
 from cm3jax.retrieval import index as index_lib
 from cm3jax.retrieval import index_io
+from cm3jax.retrieval import ivf as ivf_lib
 from cm3jax.retrieval.index import DenseIndex, SearchOptions
 
 COUNT, DIM, NUM_QUERIES, K = 1003, 32, 24, 10  # 1003: not a multiple of 8 devices x 64 rows
@@ -212,6 +214,125 @@ def test_ivf_recall_on_clustered_data():
     _, truth = reference(embeddings, queries, 10)
     _, found = index.search(queries, 10)
     assert recall(found, truth) >= 0.9
+
+
+def test_ivf_probed_lists_give_their_exact_top_k_and_pad_the_rest(ivf, data):
+    # nprobe 1, k larger than any list: every row of the probed list, in exact order, then -1.
+    k = 200
+    scores, ids = ivf.search(data["queries"], k, nprobe=1)
+    lists = ivf.ivf
+    probed = np.argmax(data["queries"] @ lists.centroids.T, axis=1)
+    for q, best in enumerate(probed):
+        members = lists.rows[lists.offsets[best] : lists.offsets[best + 1]]
+        query = data["queries"][q : q + 1]
+        want_scores, want_at = reference(data["embeddings"][members], query, len(members))
+        np.testing.assert_array_equal(ids[q, : len(members)], data["ids"][members[want_at[0]]])
+        np.testing.assert_allclose(scores[q, : len(members)], want_scores[0], rtol=1e-5, atol=1e-5)
+        assert (ids[q, len(members) :] == -1).all() and np.isneginf(scores[q, len(members) :]).all()
+
+
+def test_ivf_float32_fallback_when_the_bf16_pool_is_not_certified(ivf, exact, data):
+    # An infinite error bound certifies no bf16 pool: every query is searched again in float32.
+    fallback = DenseIndex(data["embeddings"], data["ids"], encoder_checksum=CHECKSUM, ivf=ivf.ivf)
+    fallback._searcher._error = np.inf
+    scans = []
+    scan = fallback._searcher._scan
+    fallback._searcher._scan = lambda *args: scans.append(args[-1]) or scan(*args)
+    exclude = exact.search(data["queries"], K)[1][:, 0]
+    for nprobe in (16, 3):
+        scores, ids = fallback.search(data["queries"], K, nprobe=nprobe, exclude_ids=exclude)
+        want_scores, want_ids = ivf.search(data["queries"], K, nprobe=nprobe, exclude_ids=exclude)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-6, atol=1e-6)
+    assert scans == [False, True, False, True]  # each bf16 scan re-run in float32
+
+
+def test_ivf_ties_keep_the_lower_row_first():
+    base = np.random.default_rng(2).integers(-3, 4, (40, 8)).astype(np.float32)
+    embeddings = np.concatenate([base, base, base])  # rows r, r + 40, r + 80 tie exactly
+    ids = np.arange(120)[::-1].copy()
+    index = DenseIndex.build(embeddings, ids, encoder_checksum=CHECKSUM, mode="ivf", nlist=4)
+    _, found = index.search(base[:4], 9, nprobe=4)
+    np.testing.assert_array_equal(found, ids[reference(embeddings, base[:4], 9)[1]])
+
+
+def test_ivf_float16_storage_with_every_list_probed_equals_exact(data):
+    half = data["embeddings"].astype(np.float16)
+    index = DenseIndex.build(half, data["ids"], encoder_checksum=CHECKSUM, mode="ivf", nlist=8)
+    scores, ids = index.search(data["queries"], K, nprobe=8)
+    want_scores, want_rows = reference(half.astype(np.float32), data["queries"], K)
+    np.testing.assert_array_equal(ids, data["ids"][want_rows])
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_ivf_query_batches_compile_few_shapes(ivf, data):
+    index = DenseIndex(
+        data["embeddings"],
+        data["ids"],
+        encoder_checksum=CHECKSUM,
+        ivf=ivf.ivf,
+        options=SearchOptions(query_batch=16),
+    )
+    _, all_ids = index.search(data["queries"], K, nprobe=3)
+    for n in (1, 3, 13):
+        found = index.search(data["queries"][:n], K, nprobe=3)[1]
+        np.testing.assert_array_equal(found, all_ids[:n])
+    np.testing.assert_array_equal(all_ids, ivf.search(data["queries"], K, nprobe=3)[1])
+    # Work items and slots are padded to bucket sizes: 20 batches of 16 queries compile a
+    # handful of shapes, not one per batch.
+    compiled = index._searcher._search._cache_size()
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        index.search(rng.standard_normal((16, DIM)).astype(np.float32), K, nprobe=3)
+    assert index._searcher._search._cache_size() - compiled <= 6
+
+
+def test_ivf_plan_scores_every_probed_tile_once_per_query():
+    rng = np.random.default_rng(5)
+    tiles_per_list = np.array([2, 0, 1, 3, 1])
+    first_tile = np.cumsum(tiles_per_list) - tiles_per_list
+    probes = np.stack([rng.choice(5, 3, replace=False) for _ in range(21)])
+    query_ids = np.arange(21) * 2  # queries 0, 2, 4, ... of 42
+    item_tile, item_queries, query_slots, used = ivf_lib._plan(
+        probes, query_ids, 42, first_tile, tiles_per_list
+    )
+    group = item_queries.shape[1]
+    assert (np.diff(item_tile[:used]) >= 0).all()  # items in tile order, padding after them
+    assert (item_queries[used:] == -1).all() and (item_queries[:used, 0] >= 0).all()
+    for q in range(42):
+        slots = query_slots[q][query_slots[q] < len(item_tile) * group]
+        want = set()
+        if q % 2 == 0:
+            for lst in probes[q // 2]:
+                want |= set(range(first_tile[lst], first_tile[lst] + tiles_per_list[lst]))
+        assert sorted(item_tile[slots // group]) == sorted(want)  # each probed tile once
+        assert (item_queries[slots // group, slots % group] == q).all()
+    filled = item_queries[item_queries >= 0]
+    assert len(filled) == sum(len(s[s < len(item_tile) * group]) for s in query_slots)
+
+
+def test_bf16_score_error_bounds_the_rounding():
+    rng = np.random.default_rng(6)
+    for dim in (8, 512):
+        q = rng.standard_normal((64, dim)).astype(np.float32)
+        x = (rng.standard_normal((256, dim)) * rng.uniform(0.1, 3, (256, 1))).astype(np.float32)
+        exact_scores = q @ x.T
+        bf16 = jnp.dot(
+            jnp.asarray(q, jnp.bfloat16),
+            jnp.asarray(x, jnp.bfloat16).T,
+            preferred_element_type=jnp.float32,
+        )
+        bound = ivf_lib.bf16_score_error(dim) * np.outer(
+            np.linalg.norm(q, axis=1), np.linalg.norm(x, axis=1)
+        )
+        assert (np.abs(np.asarray(bf16) - exact_scores) <= bound).all()
+
+
+def test_kmeans_argmax_matches_argmax_with_ties():
+    scores = np.random.default_rng(7).integers(0, 5, (64, 37)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(
+        np.asarray(ivf_lib._argmax_rows(jnp.asarray(scores))), np.argmax(scores, axis=1)
+    )
 
 
 def test_faiss_backend_agrees_with_jax(exact, ivf, data):

@@ -121,6 +121,16 @@ class _Searcher(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def default_nlist(count: int) -> int:
+    """IVF lists for `count` rows: the power of two nearest 4 sqrt(count), at most `count`.
+
+    On CLIP-like embeddings (benchmarks/index.py) this reached recall@10 0.95 scanning 2.8%
+    of 100k rows; sqrt(N) lists needed far more rows scanned for the same recall.
+    """
+    target = 4.0 * np.sqrt(max(count, 1))
+    return int(min(count, max(1, 2 ** round(np.log2(target)))))
+
+
 class DenseIndex:
     """Maximum-inner-product index over [N, D] embeddings with int64 ids.
 
@@ -174,7 +184,7 @@ class DenseIndex:
           ids: [N] distinct non-negative integers (the caller's document ids).
           encoder_checksum: a hash of the encoder that made the embeddings (manifest).
           mode: 'exact' or 'ivf'.
-          nlist: IVF lists (default round(sqrt(N))); must be <= N.
+          nlist: IVF lists (default `default_nlist(N)`: the power of two nearest 4 sqrt(N)); <= N.
           kmeans_iterations: Lloyd iterations of the IVF k-means.
           seed: seed of the k-means sample and initialisation.
           options: how to search (backend, nprobe, mesh, ...).
@@ -190,7 +200,7 @@ class DenseIndex:
             raise UserError(f"index mode {mode!r}: expected one of {MODES}")
         ivf = None
         if mode == "ivf":
-            nlist = max(1, round(np.sqrt(len(ids)))) if nlist is None else nlist
+            nlist = default_nlist(len(ids)) if nlist is None else nlist
             if not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= len(ids):
                 raise UserError(f"nlist={nlist!r}: expected an integer in [1, {len(ids)}]")
             ivf = build_ivf(embeddings, int(nlist), iterations=kmeans_iterations, seed=seed)

@@ -13,18 +13,19 @@ one jitted call scores every item ([IVF_GROUP, D] x [D, tile], bf16 in, float32 
 gathers each query's candidate scores, keeps its best k + max(k, RESCORE_EXTRA), re-scores
 those in float32 from the float32 rows and returns the top k (ties: lower row first).
 
-Exactness: bf16 rounding moves a score by at most `bf16_score_error(D)` |q| |x|. A query whose
-float32 k-th score beats its pool's lowest bf16 score by more than that bound provably has
-its exact top k in the pool; any other query (rare: needs > 32 near-ties at its k-th score)
-is searched again over the same probed tiles in float32. So nprobe >= nlist returns exactly
-the exact-mode results, and a smaller nprobe the exact top k of the rows it probes.
+Exactness: bf16 rounding moves a score by at most `bf16_score_error(D)` |q| |x| (~0.8% for
+D = 512). A query whose float32 k-th score beats its pool's lowest bf16 score by more than
+that bound provably has its exact top k in the pool; any other query (rare: it needs about
+RESCORE_EXTRA rows that close to its k-th score) is searched again over the same probed tiles
+in float32. So nprobe >= nlist returns exactly the exact-mode results, and a smaller nprobe
+the exact top k of the rows it probes.
 
 Why this shape (measured on a 2-core AVX-512 CPU, 100k x 512, nlist 1024, nprobe 16, batch
 256; see benchmarks/index.py): a batch of 256 queries touches most tiles, so the scan is
 bound by the bytes read (bf16 halves them) and by the per-item overhead of small matmuls
-(one lax.map over items in tile order, IVF_ITEM_BATCH items per step; 8 queries per item
-beat 4 or 16, tiles of 64 rows beat 32 or 128); the per-query top-k runs once over
-gathered scores, not once per item.
+(one loop over items in tile order, IVF_ITEM_BATCH items per step, and only the steps that
+hold real items; 8 queries per item beat 4 or 16, tiles of 64 rows beat 32, 48 or 128); the
+per-query top-k runs once over gathered scores, not once per item.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ IVF_TILE_ROWS = 64
 IVF_GROUP = 8
 IVF_ITEM_BATCH = 32
 IVF_MERGE_QUERIES = 32
-# Each query re-scores in float32 its best k + max(k, RESCORE_EXTRA) bf16-scored candidates.
-RESCORE_EXTRA = 32
+# Each query re-scores in float32 its best k + max(k, RESCORE_EXTRA) bf16-scored candidates
+# (a small pool is safe: a query it cannot certify is searched again in float32).
+RESCORE_EXTRA = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +266,7 @@ class IvfSearcher:
         exact: bool,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Top-k (scores, rows, pool floor) of `queries[query_ids]` over their probed lists."""
-        item_tile, item_queries, query_slots = _plan(
+        item_tile, item_queries, query_slots, num_items = _plan(
             probes, query_ids, len(queries), self._first_tile, self._tiles_per_list
         )
         return self._search(
@@ -276,6 +278,7 @@ class IvfSearcher:
             item_tile,
             item_queries,
             query_slots,
+            np.int32(num_items),
             k=k,
             pool=pool,
             exact=exact,
@@ -336,7 +339,7 @@ def _plan(
     num_queries: int,
     first_tile: np.ndarray,
     tiles_per_list: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Work items of one tile and up to IVF_GROUP queries, and each query's slots.
 
     Args:
@@ -344,9 +347,11 @@ def _plan(
 
     Returns:
       item_tile [I] and item_queries [I, IVF_GROUP] (-1 = empty slot), items in tile order; I
-      is padded by `bucket_size` (padding items score tile 0 for no query).
+      is padded by `bucket_size` (then to whole IVF_ITEM_BATCH steps) and the padding items
+      come last (tile 0, no query).
       query_slots [num_queries, C]: the slots (item * IVF_GROUP + position) that score each
       query, I * IVF_GROUP for none; C is the largest count, padded by `bucket_size`.
+      The number of items before the padding.
     """
     nprobe = probes.shape[1]
     lists = probes.reshape(-1)
@@ -361,7 +366,10 @@ def _plan(
     first_item = np.cumsum(items_per_tile) - items_per_tile
     rank = np.arange(len(tile)) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
     item = first_item[tile] + rank // IVF_GROUP
-    num_items = bucket_size(max(1, int(items_per_tile.sum())))
+    used = int(items_per_tile.sum())
+    num_items = bucket_size(max(1, used))
+    if num_items > IVF_ITEM_BATCH:  # whole steps of the scoring loop
+        num_items = round_up(num_items, IVF_ITEM_BATCH)
     item_tile = np.zeros(num_items, np.int32)
     item_queries = np.full((num_items, IVF_GROUP), -1, np.int32)
     item_tile[item] = tile
@@ -376,7 +384,7 @@ def _plan(
         np.int32,
     )
     query_slots[query[by_query], position] = slot[by_query]
-    return item_tile, item_queries, query_slots
+    return item_tile, item_queries, query_slots, used
 
 
 def _search_items(
@@ -388,6 +396,7 @@ def _search_items(
     item_tile: jax.Array,
     item_queries: jax.Array,
     query_slots: jax.Array,
+    num_items: jax.Array,
     *,
     k: int,
     pool: int,
@@ -411,8 +420,20 @@ def _search_items(
         data = lax.bitcast_convert_type(tiles[which], jnp.bfloat16)
         return jnp.einsum("gd,td->gt", group, data, preferred_element_type=jnp.float32)
 
-    scores = lax.map(score, (item_tile, item_queries), batch_size=IVF_ITEM_BATCH)
-    none = scores.shape[0] * scores.shape[1]  # the slot index of "no slot"
+    # Steps of IVF_ITEM_BATCH items, only as many as hold real items (`num_items`, traced):
+    # the padding items that make the shapes few are never scored (no slot refers to them).
+    batch = min(IVF_ITEM_BATCH, item_tile.shape[0])
+    steps = item_tile.shape[0] // batch  # `_plan` pads to whole steps
+    blocks = (item_tile.reshape(steps, batch), item_queries.reshape(steps, batch, -1))
+
+    def step(i: jax.Array, out: jax.Array) -> jax.Array:
+        items = (blocks[0][i], blocks[1][i])
+        return lax.dynamic_update_index_in_dim(out, jax.vmap(score)(items), i, 0)
+
+    group = item_queries.shape[1]
+    scores = jnp.zeros((steps, batch, group, tile), jnp.float32)
+    scores = lax.fori_loop(0, jnp.minimum(-(-num_items // batch), steps), step, scores)
+    none = steps * batch * group  # the slot index of "no slot"
     scores = jnp.concatenate([scores.reshape(-1, tile), jnp.full((1, tile), -jnp.inf)])
     slot_tile = jnp.concatenate(
         [jnp.repeat(item_tile, item_queries.shape[1]), jnp.zeros(1, jnp.int32)]

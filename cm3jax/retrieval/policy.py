@@ -54,7 +54,7 @@ def base_retrieval_config() -> ml_collections.ConfigDict:
     c.require_text = True  # a retrieved document must hold text
     c.query_dropout = 0.2  # query tokens dropped before embedding, in training (CM3leon: 0.2)
     c.index = "exact"  # 'exact' (brute-force MIPS) or 'ivf' (inverted lists)
-    c.nlist = -1  # IVF lists; -1 = round(sqrt(memory size))
+    c.nlist = -1  # IVF lists; -1 = the power of two nearest 4 sqrt(memory size)
     c.nprobe = 8  # IVF lists probed per query (>= nlist: exact)
     c.backend = "jax"  # 'jax', 'faiss' or 'scann' (the last two only when installed)
     return c
@@ -116,7 +116,7 @@ class RetrievalPolicy:
                 raise ConfigError(f"retrieval.{name}", f"{cd[name]!r} is not one of {expected}")
         if cd.nlist != -1 and cd.nlist < 1:
             raise ConfigError(
-                "retrieval.nlist", f"must be >= 1 or -1 (sqrt of the memory size), got {cd.nlist}"
+                "retrieval.nlist", f"must be >= 1 or -1 (about 4 sqrt of the memory size), got {cd.nlist}"
             )
         if cd.nprobe < 1:
             raise ConfigError("retrieval.nprobe", f"must be >= 1, got {cd.nprobe}")
