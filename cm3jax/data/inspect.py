@@ -67,26 +67,11 @@ def inspect(config: ml_collections.ConfigDict, data_dir: str, n: int, timed_batc
     return stats
 
 
-def main(argv: list[str]) -> None:
-    """CLI entry point (flags are defined only when this module runs as a program)."""
+if __name__ == "__main__":
     from absl import flags
 
-    from cm3jax.errors import UserError
+    from cm3jax.cli import run_job
 
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS.workdir:
-        raise UserError("--workdir (the prepared-data directory) is required")
-    inspect(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.n)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from cm3jax.errors import exit_on_user_error
-
-    config_flags.DEFINE_config_file("config", None, "Experiment file (pipeline settings).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Prepared-data directory written by cm3jax.data.prepare.")
     flags.DEFINE_integer("n", 4, "Rows to print.")
-    app.run(exit_on_user_error(main))
+    run_job(lambda config, workdir: inspect(config, workdir, flags.FLAGS.n),
+            "Experiment file (pipeline settings).", "the prepared-data directory written by cm3jax.data.prepare")

@@ -219,30 +219,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report
 
 
-def main(argv: list[str]) -> None:
-    """CLI entry point (flags are defined only when this module runs as a program)."""
-    from absl import flags
-
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS.workdir:
-        raise UserError("--workdir is required")
-    report = prepare(flags.FLAGS.config, flags.FLAGS.workdir)
+def prepare_and_report(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """`prepare`, then one summary line per split (and the first bad files) on stdout."""
+    report = prepare(config, workdir)
     for split, totals in report["splits"].items():
         print(f"{split}: {totals['records_written']} of {totals['records_read']} records written, "
               f"{totals['bad_records']} bad, {totals['text_tokens']} text + {totals['image_tokens']} "
               f"image tokens, {totals['shards']} shards")
         for example in totals.get("bad_examples", []):
             print(f"  bad: {example}")
-    print(f"prepared in {report['wall_time_sec']:.1f}s -> {flags.FLAGS.workdir}")
+    print(f"prepared in {report['wall_time_sec']:.1f}s -> {workdir}")
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from cm3jax.cli import run_job
 
-    from cm3jax.errors import exit_on_user_error
-
-    config_flags.DEFINE_config_file("config", None, "Experiment file naming the sources.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for the tokenizers, shards and report.")
-    app.run(exit_on_user_error(main))
+    run_job(prepare_and_report, "Experiment file naming the sources.",
+            "the directory for the tokenizers, shards and report")

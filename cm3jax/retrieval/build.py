@@ -213,26 +213,14 @@ def _check_previous_build(workdir: str, manifest: dict) -> dict | None:
     return previous
 
 
-def main(argv: list[str]) -> None:
-    """CLI entry point (flags are defined only when this module runs as a program)."""
-    from absl import flags
-
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS.workdir:
-        raise UserError("--workdir is required")
+def build_and_print(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """`build`, then build.json on stdout (one line)."""
     logs.quiet_third_party_logs()
-    manifest = build(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(json.dumps(manifest))
+    print(json.dumps(build(config, workdir)))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from cm3jax.cli import run_job
 
-    from cm3jax.errors import exit_on_user_error
-
-    config_flags.DEFINE_config_file("config", None, "Experiment file (data source + retrieval section).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for embeddings, the index and the neighbours.")
-    app.run(exit_on_user_error(main))
+    run_job(build_and_print, "Experiment file (data source + retrieval section).",
+            "the directory for embeddings, the index and the neighbours")
