@@ -241,6 +241,18 @@ def _run(modules: nnx.List, x: jax.Array) -> jax.Array:
     return x
 
 
+def _resnet_stage(cfg: VQGANConfig, rngs: nnx.Rngs, channels: int, out_channels: int, count: int,
+                  attend: bool) -> tuple[list[nnx.Module], int]:
+    """`count` ResnetBlocks to `out_channels`, each followed by an AttnBlock if `attend`."""
+    blocks = []
+    for _ in range(count):
+        blocks.append(ResnetBlock(cfg, rngs, channels, out_channels))
+        channels = out_channels
+        if attend:
+            blocks.append(AttnBlock(cfg, rngs, channels))
+    return blocks, channels
+
+
 class Encoder(nnx.Module):
     """Images [B, R, R, C] -> latents [B, R/f, R/f, embed_dim] (before quant_conv)."""
 
@@ -249,11 +261,9 @@ class Encoder(nnx.Module):
         self.conv_in = Conv(cfg, rngs, cfg.in_channels, ch)
         blocks, channels = [], ch
         for level, mult in enumerate(cfg.channel_multipliers):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cfg, rngs, channels, ch * mult))
-                channels = ch * mult
-                if cfg.attention and level == levels - 1:
-                    blocks.append(AttnBlock(cfg, rngs, channels))
+            stage, channels = _resnet_stage(cfg, rngs, channels, ch * mult, cfg.num_res_blocks,
+                                            attend=cfg.attention and level == levels - 1)
+            blocks += stage
             if level != levels - 1:
                 blocks.append(Downsample(cfg, rngs, channels))
         self.down = nnx.List(blocks)
@@ -276,11 +286,9 @@ class Decoder(nnx.Module):
         self.mid = _mid(cfg, rngs, channels)
         blocks = []
         for level in reversed(range(levels)):
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cfg, rngs, channels, ch * cfg.channel_multipliers[level]))
-                channels = ch * cfg.channel_multipliers[level]
-                if cfg.attention and level == levels - 1:
-                    blocks.append(AttnBlock(cfg, rngs, channels))
+            stage, channels = _resnet_stage(cfg, rngs, channels, ch * cfg.channel_multipliers[level],
+                                            cfg.num_res_blocks + 1, attend=cfg.attention and level == levels - 1)
+            blocks += stage
             if level != 0:
                 blocks.append(Upsample(cfg, rngs, channels))
         self.up = nnx.List(blocks)
