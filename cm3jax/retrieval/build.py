@@ -36,7 +36,7 @@ from cm3jax.data.neighbours import MANIFEST
 from cm3jax.data.pipeline import check_prepared_vocab, prepared_dir
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import ConfigError, UserError
-from cm3jax.retrieval.encoder import RetrievalEncoder
+from cm3jax.retrieval.encoder import RetrievalEncoder, document_embeddings
 from cm3jax.retrieval.index import DenseIndex, SearchOptions
 from cm3jax.retrieval.policy import RetrievalPolicy, drop_query_tokens, select_neighbours
 from cm3jax.vocab import from_config as vocab_from_config
@@ -60,18 +60,22 @@ def _atomic_save(path: str, save) -> None:
 
 
 def embed_chunk(encoder: RetrievalEncoder, records: list[dict], dropout: float, seed: int) -> dict:
-    """Memory embeddings of `records`, query embeddings (after token dropout) and modality flags."""
+    """Memory embeddings of `records`, query embeddings (after token dropout) and modality flags.
+
+    Images are embedded once; with dropout only the texts are embedded a second time.
+    """
     texts = [r["text"] for r in records]
     has_text = np.asarray([len(t) > 0 for t in texts])
     has_image = np.asarray([r["image"].size > 0 for r in records])
     grid = (encoder.cfg.code_grid, encoder.cfg.code_grid)
-    images = np.stack([r["image"] if r["image"].size else np.zeros(grid, np.int32) for r in records])
-    memory = encoder.embed_documents(texts, images, has_image)
+    image = encoder.embed_images(np.stack([r["image"] if r["image"].size else np.zeros(grid, np.int32)
+                                           for r in records]))
+    memory = document_embeddings(encoder.embed_texts(texts), image, has_text, has_image)
     query = memory
     if dropout > 0:
         rng = np.random.default_rng(seed)
         dropped = [drop_query_tokens(t, dropout, rng) if len(t) else t for t in texts]
-        query = encoder.embed_documents(dropped, images, has_image)
+        query = document_embeddings(encoder.embed_texts(dropped), image, has_text, has_image)
     return {"memory": memory, "query": query, "has_text": has_text, "has_image": has_image}
 
 
@@ -105,21 +109,27 @@ def load_embeddings(workdir: str, split: str, count: int, chunk_docs: int) -> di
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def search_memory(index: DenseIndex, memory: dict, queries: np.ndarray, policy: RetrievalPolicy,
+                  query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Policy-filtered memory rows and scores [Q, k] (-1 / -inf padded) for a batch of queries.
+
+    `query_rows` are the queries' own memory rows (never returned); None for outside queries.
+    """
+    candidates = min(policy.candidates, index.count)
+    scores, ids = index.search(queries, candidates, exclude_ids=query_rows)
+    safe = np.maximum(ids, 0)
+    own = np.full(len(queries), -1) if query_rows is None else query_rows
+    return select_neighbours(own, scores, ids, memory["memory"][safe], memory["has_image"][safe] & (ids >= 0),
+                             memory["has_text"][safe] & (ids >= 0), policy)
+
+
 def neighbours_for(index: DenseIndex, memory: dict, queries: np.ndarray, exclude_self: bool,
                    policy: RetrievalPolicy) -> np.ndarray:
-    """Policy-filtered neighbours [len(queries), k] (memory rows, -1 padded)."""
+    """Policy-filtered neighbours [len(queries), k] (memory rows, -1 padded), in batches."""
     out = np.full((len(queries), policy.k), -1, np.int64)
-    candidates = min(policy.candidates, index.count)
     for start in range(0, len(queries), QUERY_BATCH):
         rows = np.arange(start, min(start + QUERY_BATCH, len(queries)))
-        exclude = rows if exclude_self else None
-        scores, ids = index.search(queries[rows], candidates, exclude_ids=exclude)
-        safe = np.maximum(ids, 0)
-        query_ids = rows if exclude_self else np.full(len(rows), -1)
-        chosen, _ = select_neighbours(query_ids, scores, ids, memory["memory"][safe],
-                                      memory["has_image"][safe] & (ids >= 0),
-                                      memory["has_text"][safe] & (ids >= 0), policy)
-        out[rows] = chosen
+        out[rows] = search_memory(index, memory, queries[rows], policy, rows if exclude_self else None)[0]
     return out
 
 
@@ -155,38 +165,43 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> dict:
             embed_split(encoder, docs, workdir, split, chunk, dropout, config.seed)
     multihost_utils.sync_global_devices("cm3jax.retrieval.build: embeddings written")
     if jax.process_index() == 0:
-        _index_and_neighbours(config, workdir, documents, encoder, policy, manifest)
+        _index_and_neighbours(config, workdir, encoder, policy, manifest)
     multihost_utils.sync_global_devices("cm3jax.retrieval.build: neighbours written")
     return manifest
 
 
-def _index_and_neighbours(config, workdir: str, documents: dict, encoder: RetrievalEncoder,
-                          policy: RetrievalPolicy, manifest: dict) -> None:
+def _index_and_neighbours(config, workdir: str, encoder: RetrievalEncoder, policy: RetrievalPolicy,
+                          manifest: dict) -> None:
+    """Builds (or reloads) the index and writes the missing neighbour files, then marks the build complete."""
     chunk = config.retrieval.chunk_docs
-    memory = load_embeddings(workdir, "train", manifest["counts"]["train"], chunk)
-    index_dir = os.path.join(workdir, "index")
-    options = SearchOptions(backend=config.retrieval.backend, nprobe=config.retrieval.nprobe)
-    if os.path.exists(os.path.join(index_dir, "manifest.json")):
-        index = DenseIndex.load(index_dir, encoder.checksum, options=options)
-    else:
-        nlist = None if config.retrieval.nlist == -1 else config.retrieval.nlist
-        index = DenseIndex.build(memory["memory"], np.arange(len(memory["memory"])),
-                                 encoder_checksum=encoder.checksum, mode=config.retrieval.index,
-                                 nlist=nlist, seed=config.seed, options=options)
-        index.save(index_dir)
-    os.makedirs(os.path.join(workdir, "neighbours"), exist_ok=True)
-    for split, count in manifest["counts"].items():
-        path = os.path.join(workdir, "neighbours", f"{split}.npy")
-        if os.path.exists(path):
-            continue
+    missing = {split: count for split, count in manifest["counts"].items()
+               if not os.path.exists(os.path.join(workdir, "neighbours", f"{split}.npy"))}
+    if missing:
+        memory = load_embeddings(workdir, "train", manifest["counts"]["train"], chunk)
+        index = _index(config, workdir, memory, encoder)
+        os.makedirs(os.path.join(workdir, "neighbours"), exist_ok=True)
+    for split, count in missing.items():
         began = time.perf_counter()
         queries = memory if split == "train" else load_embeddings(workdir, split, count, chunk)
         chosen = neighbours_for(index, memory, queries["query"], split == "train", policy)
-        _atomic_save(path, lambda f: np.save(f, chosen))
+        _atomic_save(os.path.join(workdir, "neighbours", f"{split}.npy"), lambda f: np.save(f, chosen))
         found = float(np.mean(chosen >= 0)) if chosen.size else 1.0
         logging.info("neighbours of %d %s documents in %.1fs (%.1f%% of the %d slots filled)",
                      count, split, time.perf_counter() - began, 100 * found, policy.k)
     _write_manifest(workdir, manifest | {"complete": True})
+
+
+def _index(config, workdir: str, memory: dict, encoder: RetrievalEncoder) -> DenseIndex:
+    """The index in WORKDIR/index, built over the memory embeddings and saved if absent."""
+    index_dir = os.path.join(workdir, "index")
+    options = SearchOptions(backend=config.retrieval.backend, nprobe=config.retrieval.nprobe)
+    if os.path.exists(os.path.join(index_dir, "manifest.json")):
+        return DenseIndex.load(index_dir, encoder.checksum, options=options)
+    nlist = None if config.retrieval.nlist == -1 else config.retrieval.nlist
+    index = DenseIndex.build(memory["memory"], np.arange(len(memory["memory"])), encoder_checksum=encoder.checksum,
+                             mode=config.retrieval.index, nlist=nlist, seed=config.seed, options=options)
+    index.save(index_dir)
+    return index
 
 
 def _write_manifest(workdir: str, manifest: dict) -> None:

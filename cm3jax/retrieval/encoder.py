@@ -129,22 +129,12 @@ class RetrievalEncoder:
                         has_image: np.ndarray | None = None) -> np.ndarray:
         """Mean of the text and image embeddings of each document, re-normalised ([N, dim] float32).
 
-        Re-normalising keeps every score a cosine, so the policy's thresholds (0.9) mean the
-        same for documents, texts and images.
-
         `has_image[i]=False` marks a text-only document (its image row is ignored); a
-        document with empty text is its image embedding.
+        document with empty text is its image embedding. See `document_embeddings`.
         """
-        text = self.embed_texts(texts)
-        image = self.embed_images(images)
         has_text = np.asarray([len(t) > 0 for t in texts])
         has_image = np.ones(len(texts), bool) if has_image is None else np.asarray(has_image, bool)
-        if not np.all(has_text | has_image):
-            raise UserError("a document with neither text nor an image cannot be embedded")
-        both = (has_text & has_image)[:, None]
-        mean = text + image
-        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-        return np.where(both, mean, np.where(has_text[:, None], text, image)).astype(np.float32)
+        return document_embeddings(self.embed_texts(texts), self.embed_images(images), has_text, has_image)
 
     def _batched(self, fn: Callable, *arrays: np.ndarray) -> np.ndarray:
         """Runs `fn(params, *chunk)` over chunks of `batch_size` rows, the last one padded."""
@@ -167,3 +157,20 @@ def _bucket(rows: int, multiple: int) -> int:
     while size < rows:
         size *= 2
     return size
+
+
+def document_embeddings(text: np.ndarray, image: np.ndarray, has_text: np.ndarray,
+                        has_image: np.ndarray) -> np.ndarray:
+    """Documents from their text and image embeddings [N, dim]: the re-normalised mean of both,
+    or the one a document has.
+
+    Re-normalising keeps every score a cosine, so the policy's thresholds (0.9) mean the same
+    for documents, texts and images.
+    """
+    if not np.all(has_text | has_image):
+        raise UserError("a document with neither text nor an image cannot be embedded")
+    mean = text + image
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    both = (has_text & has_image)[:, None]
+    return np.where(both, mean, np.where(has_text[:, None], text, image)).astype(np.float32)
+

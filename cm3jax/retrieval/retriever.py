@@ -22,10 +22,10 @@ import numpy as np
 from cm3jax.data.neighbours import read_build_manifest
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError
-from cm3jax.retrieval.build import load_embeddings
+from cm3jax.retrieval.build import load_embeddings, search_memory
 from cm3jax.retrieval.encoder import RetrievalEncoder
 from cm3jax.retrieval.index import DenseIndex
-from cm3jax.retrieval.policy import RetrievalPolicy, select_neighbours
+from cm3jax.retrieval.policy import RetrievalPolicy
 from cm3jax.tokenizers.image import load_image_tokenizer
 from cm3jax.tokenizers.text import TextTokenizer
 
@@ -91,13 +91,7 @@ class Retriever:
         k = self.policy.k if k is None else k
         policy = dataclasses.replace(self.policy, k=k, candidates=max(self.policy.candidates, k),
                                      near_duplicate=self.policy.near_duplicate if skip_near_duplicates else 1.0)
-        queries = self.embed_queries(text, image)
-        candidates = min(policy.candidates, self.index.count)
-        scores, ids = self.index.search(queries, candidates)
-        safe = np.maximum(ids, 0)
-        chosen, chosen_scores = select_neighbours(
-            np.full(len(queries), -1), scores, ids, self.memory["memory"][safe],
-            self.memory["has_image"][safe] & (ids >= 0), self.memory["has_text"][safe] & (ids >= 0), policy)
+        chosen, chosen_scores = search_memory(self.index, self.memory, self.embed_queries(text, image), policy)
         return [[self._retrieved(int(i), float(s)) for i, s in zip(row, row_scores) if i >= 0]
                 for row, row_scores in zip(chosen, chosen_scores)]
 
