@@ -28,7 +28,7 @@ import numpy as np
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
 from cm3jax.data.neighbours import WithNeighbours, open_neighbours
-from cm3jax.data.records import ArrayRecordDocuments, split_paths
+from cm3jax.data.records import split_documents
 from cm3jax.data.schema import FIELDS
 from cm3jax.data.synthetic import SyntheticDocuments
 from cm3jax.errors import UserError
@@ -113,12 +113,9 @@ def _prepared_dataset(config, directory: str, split: str, process_index: int,
                       process_count: int) -> grain.IterDataset:
     vocab = vocab_lib.from_config(config.vocab)
     check_prepared_vocab(directory, vocab)
-    paths = split_paths(directory, split)
-    if not paths:
-        raise UserError(f"config.data.source: no '{split}' shards in {directory}")
-    documents = ArrayRecordDocuments(paths)
+    documents = split_documents(directory, split)
     if config.retrieval.enabled:
-        memory = ArrayRecordDocuments(split_paths(directory, "train"))
+        memory = split_documents(directory, "train")
         neighbours = open_neighbours(config.retrieval.neighbours, directory, split, len(documents))
         documents = WithNeighbours(documents, neighbours, memory)
     documents = grain.MapDataset.source(documents)

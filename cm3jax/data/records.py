@@ -62,6 +62,18 @@ def split_paths(directory: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, f"{split}-*-of-*.array_record")))
 
 
+def split_documents(directory: str, split: str) -> "ArrayRecordDocuments":
+    """The documents of `split` in the prepared directory named by config.data.source.
+
+    Raises:
+      UserError: naming config.data.source when the split has no shards.
+    """
+    paths = split_paths(directory, split)
+    if not paths:
+        raise UserError(f"config.data.source: no '{split}' shards in {directory}")
+    return ArrayRecordDocuments(paths)
+
+
 class ArrayRecordDocuments:
     """Grain random-access source over prepared shards, yielding decoded token documents."""
 

@@ -23,8 +23,8 @@ from flax import nnx
 
 from cm3jax.data.pipeline import check_prepared_vocab, prepared_bad_records, prepared_dir
 from cm3jax.data.prepare import open_split
-from cm3jax.data.records import ArrayRecordDocuments, split_paths
-from cm3jax.errors import ConfigError, UserError
+from cm3jax.data.records import split_documents
+from cm3jax.errors import ConfigError
 from cm3jax.models import dual_encoder as de
 from cm3jax.tokenizers.text import TextTokenizer
 from cm3jax.train import tasks
@@ -105,10 +105,7 @@ class RetrieverTask(tasks.Task):
         if cfg.codebook_size < self.vocab.image_codes:
             raise ConfigError("retriever.codebook_size", f"{cfg.codebook_size} is smaller than "
                               f"vocab.image_codes={self.vocab.image_codes}")
-        paths = split_paths(self.directory, "train")
-        if not paths:
-            raise UserError(f"config.data.source: no 'train' shards in {self.directory}")
-        grid = ArrayRecordDocuments(paths)[0]["image"].shape
+        grid = split_documents(self.directory, "train")[0]["image"].shape
         if grid != (cfg.code_grid, cfg.code_grid):
             raise ConfigError("retriever.code_grid", f"{cfg.code_grid} but the prepared images in "
                               f"{self.directory} are {grid[0]}x{grid[1]} codes")
@@ -169,10 +166,7 @@ class RetrieverTask(tasks.Task):
     def dataset(self, split: str, process_index: int, process_count: int) -> grain.IterDataset:
         max_len = self.model_config.text_max_len
         if self.vision_key == "codes":
-            paths = split_paths(self.directory, split)
-            if not paths:
-                raise UserError(f"config.data.source: no '{split}' shards in {self.directory}")
-            records = grain.MapDataset.source(ArrayRecordDocuments(paths))
+            records = grain.MapDataset.source(split_documents(self.directory, split))
             to_pair = ToPair(max_len, "codes")
         else:
             records = grain.MapDataset.source(open_split(self.config, split))
