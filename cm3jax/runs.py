@@ -38,8 +38,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
 
 
-def read_section(workdir: str, section: str, what: str) -> dict:
-    """`config[section]` of WORKDIR/config.json; UserError naming `what` the run should be."""
+def read_config(workdir: str, what: str) -> dict:
+    """WORKDIR/config.json as a dict; UserError naming `what` the run should be."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist: not a {what} workdir")
@@ -48,8 +48,16 @@ def read_section(workdir: str, section: str, what: str) -> dict:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable JSON config ({e})") from e
-    if not isinstance(config, dict) or not isinstance(config.get(section), dict):
-        raise UserError(f"{path} has no '{section}' section: not a {what} workdir")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON config object")
+    return config
+
+
+def read_section(workdir: str, section: str, what: str) -> dict:
+    """`config[section]` of WORKDIR/config.json; UserError naming `what` the run should be."""
+    config = read_config(workdir, what)
+    if not isinstance(config.get(section), dict):
+        raise UserError(f"{os.path.join(workdir, CONFIG_FILE)} has no '{section}' section: not a {what} workdir")
     return config[section]
 
 

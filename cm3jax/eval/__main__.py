@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from cm3jax import logs
+from cm3jax import logs, runs
 from cm3jax.data.pipeline import prepared_dir
 from cm3jax.data.prepare import open_split
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
@@ -47,11 +47,7 @@ def _write(workdir: str, task: str, result: dict) -> str:
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"--workdir={workdir}: no config.json (not a cm3jax run directory)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(runs.read_config(workdir, "cm3jax training run"))
 
 
 def validation_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
