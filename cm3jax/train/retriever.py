@@ -166,20 +166,13 @@ class RetrieverTask(tasks.Task):
     def dataset(self, split: str, process_index: int, process_count: int) -> grain.IterDataset:
         max_len = self.model_config.text_max_len
         if self.vision_key == "codes":
-            records = grain.MapDataset.source(split_documents(self.directory, split))
+            source = split_documents(self.directory, split)
             to_pair = ToPair(max_len, "codes")
         else:
-            records = grain.MapDataset.source(open_split(self.config, split))
+            source = open_split(self.config, split)
             tokenizer = TextTokenizer.load(os.path.join(self.directory, "tokenizer.model"), self.vocab)
             to_pair = ToPair(max_len, "images", tokenizer)
-        if split == "train":
-            records = records.shuffle(seed=self.config.seed)
-        records = records.repeat(None)[process_index::process_count]
-        options = grain.ReadOptions(num_threads=self.config.data.num_threads,
-                                    prefetch_buffer_size=self.config.data.prefetch)
-        per_host = self.config.data.global_batch_size // process_count
-        return (records.filter(KeepPairs()).map(to_pair).to_iter_dataset(options)
-                .batch(per_host, drop_remainder=True))
+        return self.example_batches(source, KeepPairs(), to_pair, split, process_index, process_count)
 
     def batch_shapes(self) -> dict:
         cfg, b = self.model_config, self.config.data.global_batch_size

@@ -90,6 +90,19 @@ class Task(abc.ABC):
         """The JSON item saved with each checkpoint."""
         return make_meta(self.config, self.vocab, self.shapes())
 
+    def example_batches(self, source, keep: grain.transforms.Filter, to_example: grain.transforms.Map,
+                        split: str, process_index: int, process_count: int) -> grain.IterDataset:
+        """Per-host batches of one example per record: shuffled (train), repeated, split by host,
+        filtered by `keep`, mapped by `to_example`, read with the config's Grain threads."""
+        records = grain.MapDataset.source(source)
+        if split == "train":
+            records = records.shuffle(seed=self.config.seed)
+        records = records.repeat(None)[process_index::process_count]
+        options = grain.ReadOptions(num_threads=self.config.data.num_threads,
+                                    prefetch_buffer_size=self.config.data.prefetch)
+        per_host = self.config.data.global_batch_size // process_count
+        return records.filter(keep).map(to_example).to_iter_dataset(options).batch(per_host, drop_remainder=True)
+
     def abstract_batch(self) -> dict:
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
                 for k, (shape, dtype) in self.batch_shapes().items()}

@@ -260,15 +260,8 @@ class VQGANTask(tasks.Task):
     # --- data and accounting --------------------------------------------------------------
 
     def dataset(self, split: str, process_index: int, process_count: int) -> grain.IterDataset:
-        per_host = self.config.data.global_batch_size // process_count
-        records = grain.MapDataset.source(open_split(self.config, split))
-        if split == "train":
-            records = records.shuffle(seed=self.config.seed)
-        records = records.repeat(None)[process_index::process_count]
-        options = grain.ReadOptions(num_threads=self.config.data.num_threads,
-                                    prefetch_buffer_size=self.config.data.prefetch)
-        return (records.filter(DropBadRecords()).map(ToImageBatch()).to_iter_dataset(options)
-                .batch(per_host, drop_remainder=True))
+        return self.example_batches(open_split(self.config, split), DropBadRecords(), ToImageBatch(), split,
+                                    process_index, process_count)
 
     def batch_shapes(self) -> dict:
         r, c = self.model_config.resolution, self.model_config.in_channels
