@@ -41,6 +41,28 @@ PALETTE_OVERRIDES = {
 }
 PALETTE_FLAGS = tuple(f"--config.{key}={value}" for key, value in PALETTE_OVERRIDES.items())
 
+# A 1-layer, width-32 version of experiments/shapes_retriever.py over palette-tokenized data:
+# tests need a real retriever workdir (config, checkpoints), not a good one. Callers add
+# total_steps / checkpoint.every_steps.
+TINY_RETRIEVER_OVERRIDES = {
+    **PALETTE_OVERRIDES,
+    "retriever.codebook_size": 16,  # = vocab.image_codes of the palette tokenizer
+    "retriever.code_patch": 2,
+    "retriever.text_layers": 1,
+    "retriever.vision_layers": 1,
+    "retriever.text_width": 32,
+    "retriever.vision_width": 32,
+    "retriever.text_heads": 2,
+    "retriever.vision_heads": 2,
+    "retriever.text_mlp_dim": 64,
+    "retriever.vision_mlp_dim": 64,
+    "retriever.projection_dim": 32,
+    "data.global_batch_size": 16,
+    "optim.warmup_steps": 4,
+    "optim.learning_rate": 3e-3,
+    "eval_every": 0,
+}
+
 # Architecture switches of the Chameleon-style ("modern") variant.
 MODERN_OVERRIDES = {
     "model.activation": "swiglu",

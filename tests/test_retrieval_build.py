@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import train_cli as cli
-from conftest import PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, experiment_config, prepare_palette_shapes
+from conftest import (PALETTE_FLAGS, PALETTE_OVERRIDES, REPO_ROOT, TINY_RETRIEVER_OVERRIDES, experiment_config,
+                      prepare_palette_shapes)
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
 from cm3jax.data.pipeline import make_dataset
@@ -39,29 +40,8 @@ STEPS = 40  # enough to spread the embeddings: an untrained tower maps every doc
 FIRST_CHECKPOINT = STEPS // 2
 TEXT_VOCAB = 512  # vocab.text_size of the shapes benchmark = the retriever's text_vocab_size
 GRID = 16  # palette codes per image side
-# A 1-layer, width-32 version of experiments/shapes_retriever.py: the tests need a real
-# retriever workdir (config, checkpoints), not a good one.
-RETRIEVER = {
-    **PALETTE_OVERRIDES,
-    "retriever.codebook_size": 16,  # = vocab.image_codes of the palette tokenizer
-    "retriever.code_patch": 2,
-    "retriever.text_layers": 1,
-    "retriever.vision_layers": 1,
-    "retriever.text_width": 32,
-    "retriever.vision_width": 32,
-    "retriever.text_heads": 2,
-    "retriever.vision_heads": 2,
-    "retriever.text_mlp_dim": 64,
-    "retriever.vision_mlp_dim": 64,
-    "retriever.projection_dim": 32,
-    "data.global_batch_size": 16,
-    "total_steps": STEPS,
-    "optim.warmup_steps": 4,
-    "optim.learning_rate": 3e-3,
-    "eval_every": 0,
-    "log_every": STEPS,
-    "checkpoint.every_steps": FIRST_CHECKPOINT,
-}
+RETRIEVER = {**TINY_RETRIEVER_OVERRIDES, "total_steps": STEPS, "log_every": STEPS,
+             "checkpoint.every_steps": FIRST_CHECKPOINT}
 
 
 # --- the world -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ mesh axes with one rules table; no layer names a mesh axis. Parameters are store
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,31 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_segment)[:, None]
 
 
+HEAD_NAMES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one layer for incremental decoding.
+
+    Attributes:
+      key, value: [batch, cache_length, heads, head_dim] in the compute dtype.
+      index: int32 scalar, the first slot the next call writes.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+
+    def write(self, key: jax.Array, value: jax.Array) -> "KVCache":
+        """This cache with `key`/`value` [batch, length, heads, head_dim] written at `index`."""
+        start = (0, self.index, 0, 0)
+        return KVCache(
+            constrain(jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start), HEAD_NAMES),
+            constrain(jax.lax.dynamic_update_slice(self.value, value.astype(self.value.dtype), start), HEAD_NAMES),
+            self.index + key.shape[1],
+        )
+
+
 class Attention(nnx.Module):
     """Multi-head causal self-attention without biases; optional QK-norm and RoPE."""
 
@@ -146,20 +172,29 @@ class Attention(nnx.Module):
         else:
             self.query_norm = self.key_norm = None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Attends `x` [batch, length, embed] to itself, or to the cache it extends.
+
+        With `cache`, this call's keys and values are written at slots
+        [cache.index, cache.index + length) and the queries attend over every slot of the
+        cache, `mask` being [batch, 1, length, cache_length]; the updated cache is returned.
+        """
         cfg, dtype = self.cfg, x.dtype
-        names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         q, k, v = (
-            constrain(jnp.einsum("ble,ehd->blhd", x, w[...].astype(dtype)), names)
+            constrain(jnp.einsum("ble,ehd->blhd", x, w[...].astype(dtype)), HEAD_NAMES)
             for w in (self.query, self.key, self.value)
         )
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         if cfg.position == "rope":
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.key, cache.value
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
-        attended = constrain(attended, names)
-        return jnp.einsum("blhd,hde->ble", attended, self.out[...].astype(dtype))
+        attended = constrain(attended, HEAD_NAMES)
+        return jnp.einsum("blhd,hde->ble", attended, self.out[...].astype(dtype)), cache
 
 
 def materialize(x: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from cm3jax.models.layers import (
     Attention,
+    KVCache,
     Mlp,
     Norm,
     TransformerConfig,
@@ -46,14 +47,17 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         if self.placement == "pre":
-            x = x + self.attention(self.attention_norm(x), positions, mask)
+            attended, cache = self.attention(self.attention_norm(x), positions, mask, cache)
+            x = x + attended
             x = x + self.mlp(self.mlp_norm(x))
         else:  # 'swin': normalise the branch output instead of its input
-            x = x + self.attention_norm(self.attention(x, positions, mask))
+            attended, cache = self.attention(x, positions, mask, cache)
+            x = x + self.attention_norm(attended)
             x = x + self.mlp_norm(self.mlp(x))
-        return constrain(x, EMBED_NAMES)
+        return constrain(x, EMBED_NAMES), cache
 
 
 def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -139,13 +143,37 @@ class Transformer(nnx.Module):
         Returns:
           [batch, length, vocab_size] logits in float32.
         """
-        cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
+        x, _ = self._run_blocks(self._embed(tokens, positions), positions, attention_mask(segment_ids))
+        return self._logits(x)
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits of `tokens` given everything already in `cache`, and the extended cache.
+
+        Prefill and each decoding step are both one `extend` call.
+
+        Args:
+          tokens: [batch, length] int ids, written at cache slots [cache.index, cache.index + length).
+          positions: [batch, length] position of each token inside its document.
+          mask: [batch, 1, length, cache_length] booleans, which slots each token may attend to.
+          cache: every layer's keys and values stacked, [layers, batch, cache_length, heads,
+            head_dim] (see `init_cache`), and the scalar next-slot index.
+
+        Returns:
+          ([batch, length, vocab_size] float32 logits, the cache with these tokens written).
+        """
+        x, cache = self._run_blocks(self._embed(tokens, positions), positions, mask, cache)
+        return self._logits(x), cache
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.cfg.dtype)
         x = lookup(self.embed[...].astype(dtype), tokens)
         if self.positions is not None:
             x = x + lookup(self.positions[...].astype(dtype), positions)
-        x = constrain(x, EMBED_NAMES)
-        x = self._run_blocks(x, positions, attention_mask(segment_ids))
+        return constrain(x, EMBED_NAMES)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.cfg.dtype)
         x = self.final_norm(x)
         if self.lm_head is None:
             logits = tied_logits(x, self.embed[...].astype(dtype))
@@ -154,21 +182,38 @@ class Transformer(nnx.Module):
                                 preferred_element_type=jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def _run_blocks(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def _run_blocks(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         graphdef, stacked = nnx.split(self.blocks)
 
-        def layer(x, layer_params):
-            return nnx.merge(graphdef, layer_params)(x, positions, mask), None
+        def layer(x, layer_inputs):
+            layer_params, kv = layer_inputs
+            layer_cache = None if kv is None else KVCache(kv[0], kv[1], cache.index)
+            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, layer_cache)
+            return x, None if layer_cache is None else (layer_cache.key, layer_cache.value)
 
         if self.cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat_policy],
                                    prevent_cse=not self.cfg.scan_layers)
+        kv = None if cache is None else (cache.key, cache.value)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, stacked)
-            return x
-        for i in range(self.cfg.num_layers):
-            x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
-        return x
+            x, new_kv = jax.lax.scan(layer, x, (stacked, kv))
+        else:
+            per_layer = []
+            for i in range(self.cfg.num_layers):
+                x, layer_kv = layer(x, jax.tree.map(lambda p, i=i: p[i], (stacked, kv)))
+                per_layer.append(layer_kv)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        if cache is None:
+            return x, None
+        return x, KVCache(new_kv[0], new_kv[1], cache.index + x.shape[1])
+
+
+def init_cache(cfg: TransformerConfig, batch: int, length: int) -> KVCache:
+    """An empty cache of `length` slots for `batch` rows, every layer stacked, in the compute dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
 
 def create(cfg: TransformerConfig, seed: int | jax.Array) -> Transformer:

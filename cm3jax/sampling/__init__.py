@@ -1,0 +1,1 @@
+"""Sampling: logits processors (`processors.py`) and the decoding loop (`decode.py`)."""

@@ -1,0 +1,166 @@
+"""Generation end to end: a trained LM workdir with retrieval -> `Generator` and `cm3jax.sample`.
+
+One module-scoped world: palette-tokenized shapes (120 train / 24 validation documents,
+16x16 codes per 32x32 image), a tiny dual encoder, its retrieval build, and the tiny LM
+trained a few steps on retrieval-augmented rows. The model is not good; these tests check
+that every task runs through the real stack, that its outputs have the right form, and
+that bad requests are one clear line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_cli as cli
+from conftest import PALETTE_OVERRIDES, REPO_ROOT, TINY_RETRIEVER_OVERRIDES, experiment_config, prepare_palette_shapes
+from cm3jax.data.records import ArrayRecordDocuments, split_paths
+from cm3jax.errors import UserError
+from cm3jax.retrieval import build as build_lib
+from cm3jax.sampling.generate import Generator, TextToImageOptions
+from cm3jax.tokenizers.image import load_image_tokenizer
+from cm3jax.train.loop import train
+
+RESOLUTION, GRID = 32, 16
+LM_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """{'data', 'retriever', 'index', 'lm'} directories of one small but complete run."""
+    root = tmp_path_factory.mktemp("sample_world")
+    data = str(prepare_palette_shapes(root / "data", 120, 24, per_shard=60))
+    retriever = str(root / "retriever")
+    train(experiment_config("shapes_retriever", {**TINY_RETRIEVER_OVERRIDES, "data.source": f"prepared:{data}",
+                                                 "total_steps": 20, "log_every": 20,
+                                                 "checkpoint.every_steps": 20}), retriever)
+    index = str(root / "index")
+    retrieval = {**PALETTE_OVERRIDES, "data.source": f"prepared:{data}", "retrieval.encoder": retriever,
+                 "retrieval.neighbours": index, "retrieval.chunk_docs": 60}
+    build_lib.build(experiment_config("tiny_lm", retrieval), index)
+    lm = str(root / "lm")
+    train(experiment_config("tiny_lm", {**retrieval, "retrieval.enabled": True, "total_steps": LM_STEPS,
+                                        "checkpoint.every_steps": LM_STEPS, "eval_every": 0,
+                                        "log_every": LM_STEPS}), lm)
+    return {"data": data, "retriever": retriever, "index": index, "lm": lm}
+
+
+@pytest.fixture(scope="module")
+def generator(world):
+    return Generator.load(world["lm"])
+
+
+@pytest.fixture(scope="module")
+def validation_images(world):
+    records = ArrayRecordDocuments(split_paths(world["data"], "validation"))
+    codes = np.stack([records[i]["image"] for i in range(2)])
+    return load_image_tokenizer(world["data"]).decode(codes)
+
+
+def test_load_finds_the_runs_index_and_reranker(generator, world):
+    assert generator.retriever is not None and generator.reranker is not None
+    assert generator.model.step == LM_STEPS
+    assert generator.model.image_tokens == GRID * GRID
+
+
+def test_text2image_candidates_split_between_methods_and_reranked(generator):
+    prompts = ["a large red circle in the centre", "a small blue square at the top left"]
+    results = generator.text2image(prompts, TextToImageOptions(num_samples=3, retrieve=2), seed=0)
+    assert [r.prompt for r in results] == prompts
+    for result in results:
+        # Up to k: the diversity policy skips candidates too close to one already chosen.
+        assert 1 <= len(result.retrieved) <= 2 and all(isinstance(c, str) and c for c in result.retrieved)
+        assert sorted(c.method for c in result.candidates) == ["cd_k", "top_p", "top_p"]
+        scores = [c.score for c in result.candidates]
+        assert scores == sorted(scores, reverse=True)
+        for candidate in result.candidates:
+            assert candidate.pixels.shape == (RESOLUTION, RESOLUTION, 3) and candidate.pixels.dtype == np.uint8
+            assert candidate.codes.shape == (GRID, GRID)
+            assert 0 <= candidate.codes.min() and candidate.codes.max() < generator.model.vocab.image_codes
+
+
+def test_text2image_is_deterministic_per_seed(generator):
+    options = TextToImageOptions(num_samples=2)
+    a, b = (generator.text2image(["a green triangle"], options, seed=5)[0] for _ in range(2))
+    for x, y in zip(a.candidates, b.candidates):
+        np.testing.assert_array_equal(x.codes, y.codes)
+
+
+def test_image2text_edit_and_generate_run(generator, validation_images):
+    captions = generator.image2text(validation_images, retrieve=1, max_new_tokens=16)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    edited = generator.edit(validation_images, ["make the circle blue", "move it left"])
+    assert edited.shape == validation_images.shape and edited.dtype == np.uint8
+    outputs = generator.generate(["a red"], max_new_tokens=40)
+    assert len(outputs) == 1
+    for segment in outputs[0]:
+        assert (segment.text is None) != (segment.image is None)
+
+
+def test_generator_rejects_bad_inputs(generator, validation_images):
+    with pytest.raises(UserError, match="uint8"):
+        generator.image2text(validation_images.astype(np.float32))
+    with pytest.raises(UserError, match="instructions"):
+        generator.edit(validation_images, ["only one"])
+    with pytest.raises(UserError, match="context"):
+        generator.text2image(["red " * 900])
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    return cli.cpu_env() | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _sample(env, workdir, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cm3jax.sample", f"--workdir={workdir}", *flags], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
+def test_cli_text2image_writes_pngs_and_scores(world, cli_env, tmp_path):
+    out = tmp_path / "samples"
+    result = _sample(cli_env, world["lm"], "--task=text2image", "--prompt=a large red circle in the centre",
+                     "--num_samples=2", "--retrieve=1", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "text2image.json").read_text())
+    entry = summary["results"][0]
+    assert entry["reranked"] and len(entry["retrieved"]) == 1 and len(entry["candidates"]) == 2
+    for name in [entry["best"]] + [c["png"] for c in entry["candidates"]]:
+        assert np.asarray(Image.open(out / name)).shape == (RESOLUTION, RESOLUTION, 3)
+
+
+def test_cli_image2text_reads_an_image_file(world, cli_env, validation_images, tmp_path):
+    path = tmp_path / "scene.png"
+    Image.fromarray(validation_images[0]).save(path)
+    result = _sample(cli_env, world["lm"], "--task=image2text", f"--image={path}", f"--out={tmp_path}",
+                     "--max_new_tokens=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "image2text.json").read_text())
+    assert summary["results"][0]["image"] == str(path)
+    assert isinstance(summary["results"][0]["caption"], str)
+
+
+@pytest.mark.parametrize("case", ["no_workdir", "unreadable_image", "missing_image", "long_prompt", "no_index"])
+def test_cli_bad_requests_exit_2_with_one_line(case, world, cli_env, tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    workdir, flags, expected = {
+        "no_workdir": (str(tmp_path / "nowhere"), ["--prompt=x"], "does not exist"),
+        "unreadable_image": (world["lm"], ["--task=image2text", f"--image={garbage}"], "garbage.png"),
+        "missing_image": (world["lm"], ["--task=image2text", f"--image={tmp_path / 'absent.png'}"], "absent.png"),
+        "long_prompt": (world["lm"], ["--prompt=" + "red " * 900], "context"),
+        "no_index": (world["lm"], ["--prompt=x", "--retrieve=1", f"--index={tmp_path / 'no_index'}"], "no_index"),
+    }[case]
+    result = _sample(cli_env, workdir, *flags, f"--out={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
