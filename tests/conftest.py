@@ -124,3 +124,32 @@ def prepare_palette_shapes(directory, train: int, validation: int, per_shard: in
         "prepare.num_workers": 1}), str(directory))
     return directory
 
+
+SAMPLE_WORLD_LM_STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def sample_world(tmp_path_factory):
+    """{'data', 'retriever', 'index', 'lm'}: one small but complete run for the sampler and server tests.
+
+    Palette-tokenized shapes (120 train / 24 validation), a tiny dual encoder, its retrieval
+    build, and experiments/tiny_lm.py trained SAMPLE_WORLD_LM_STEPS steps with retrieval.
+    """
+    from cm3jax.retrieval import build as build_lib
+    from cm3jax.train.loop import train
+
+    root = tmp_path_factory.mktemp("sample_world")
+    data = str(prepare_palette_shapes(root / "data", 120, 24, per_shard=60))
+    retriever = str(root / "retriever")
+    train(experiment_config("shapes_retriever", {**TINY_RETRIEVER_OVERRIDES, "data.source": f"prepared:{data}",
+                                                 "total_steps": 20, "log_every": 20,
+                                                 "checkpoint.every_steps": 20}), retriever)
+    index = str(root / "index")
+    retrieval = {**PALETTE_OVERRIDES, "data.source": f"prepared:{data}", "retrieval.encoder": retriever,
+                 "retrieval.neighbours": index, "retrieval.chunk_docs": 60}
+    build_lib.build(experiment_config("tiny_lm", retrieval), index)
+    lm = str(root / "lm")
+    train(experiment_config("tiny_lm", {**retrieval, "retrieval.enabled": True, "total_steps": SAMPLE_WORLD_LM_STEPS,
+                                        "checkpoint.every_steps": SAMPLE_WORLD_LM_STEPS, "eval_every": 0,
+                                        "log_every": SAMPLE_WORLD_LM_STEPS}), lm)
+    return {"data": data, "retriever": retriever, "index": index, "lm": lm}

@@ -1,8 +1,8 @@
 """Generation end to end: a trained LM workdir with retrieval -> `Generator` and `cm3jax.sample`.
 
-One module-scoped world: palette-tokenized shapes (120 train / 24 validation documents,
-16x16 codes per 32x32 image), a tiny dual encoder, its retrieval build, and the tiny LM
-trained a few steps on retrieval-augmented rows. The model is not good; these tests check
+The session-scoped `sample_world` of conftest: palette-tokenized shapes (120 train / 24
+validation documents, 16x16 codes per 32x32 image), a tiny dual encoder, its retrieval
+build, and the tiny LM trained a few steps on retrieval-augmented rows. The model is not good; these tests check
 that every task runs through the real stack, that its outputs have the right form, and
 that bad requests are one clear line with exit code 2.
 """
@@ -18,53 +18,30 @@ import pytest
 from PIL import Image
 
 import train_cli as cli
-from conftest import PALETTE_OVERRIDES, REPO_ROOT, TINY_RETRIEVER_OVERRIDES, experiment_config, prepare_palette_shapes
+from conftest import REPO_ROOT, SAMPLE_WORLD_LM_STEPS
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError
-from cm3jax.retrieval import build as build_lib
 from cm3jax.sampling.generate import Generator, TextToImageOptions
 from cm3jax.tokenizers.image import load_image_tokenizer
-from cm3jax.train.loop import train
 
 RESOLUTION, GRID = 32, 16
-LM_STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """{'data', 'retriever', 'index', 'lm'} directories of one small but complete run."""
-    root = tmp_path_factory.mktemp("sample_world")
-    data = str(prepare_palette_shapes(root / "data", 120, 24, per_shard=60))
-    retriever = str(root / "retriever")
-    train(experiment_config("shapes_retriever", {**TINY_RETRIEVER_OVERRIDES, "data.source": f"prepared:{data}",
-                                                 "total_steps": 20, "log_every": 20,
-                                                 "checkpoint.every_steps": 20}), retriever)
-    index = str(root / "index")
-    retrieval = {**PALETTE_OVERRIDES, "data.source": f"prepared:{data}", "retrieval.encoder": retriever,
-                 "retrieval.neighbours": index, "retrieval.chunk_docs": 60}
-    build_lib.build(experiment_config("tiny_lm", retrieval), index)
-    lm = str(root / "lm")
-    train(experiment_config("tiny_lm", {**retrieval, "retrieval.enabled": True, "total_steps": LM_STEPS,
-                                        "checkpoint.every_steps": LM_STEPS, "eval_every": 0,
-                                        "log_every": LM_STEPS}), lm)
-    return {"data": data, "retriever": retriever, "index": index, "lm": lm}
+def generator(sample_world):
+    return Generator.load(sample_world["lm"])
 
 
 @pytest.fixture(scope="module")
-def generator(world):
-    return Generator.load(world["lm"])
-
-
-@pytest.fixture(scope="module")
-def validation_images(world):
-    records = ArrayRecordDocuments(split_paths(world["data"], "validation"))
+def validation_images(sample_world):
+    records = ArrayRecordDocuments(split_paths(sample_world["data"], "validation"))
     codes = np.stack([records[i]["image"] for i in range(2)])
-    return load_image_tokenizer(world["data"]).decode(codes)
+    return load_image_tokenizer(sample_world["data"]).decode(codes)
 
 
 def test_load_finds_the_runs_index_and_reranker(generator, world):
     assert generator.retriever is not None and generator.reranker is not None
-    assert generator.model.step == LM_STEPS
+    assert generator.model.step == SAMPLE_WORLD_LM_STEPS
     assert generator.model.image_tokens == GRID * GRID
 
 
@@ -125,9 +102,9 @@ def _sample(env, workdir, *flags) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
 
 
-def test_cli_text2image_writes_pngs_and_scores(world, cli_env, tmp_path):
+def test_cli_text2image_writes_pngs_and_scores(sample_world, cli_env, tmp_path):
     out = tmp_path / "samples"
-    result = _sample(cli_env, world["lm"], "--task=text2image", "--prompt=a large red circle in the centre",
+    result = _sample(cli_env, sample_world["lm"], "--task=text2image", "--prompt=a large red circle in the centre",
                      "--num_samples=2", "--retrieve=1", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "text2image.json").read_text())
@@ -137,10 +114,10 @@ def test_cli_text2image_writes_pngs_and_scores(world, cli_env, tmp_path):
         assert np.asarray(Image.open(out / name)).shape == (RESOLUTION, RESOLUTION, 3)
 
 
-def test_cli_image2text_reads_an_image_file(world, cli_env, validation_images, tmp_path):
+def test_cli_image2text_reads_an_image_file(sample_world, cli_env, validation_images, tmp_path):
     path = tmp_path / "scene.png"
     Image.fromarray(validation_images[0]).save(path)
-    result = _sample(cli_env, world["lm"], "--task=image2text", f"--image={path}", f"--out={tmp_path}",
+    result = _sample(cli_env, sample_world["lm"], "--task=image2text", f"--image={path}", f"--out={tmp_path}",
                      "--max_new_tokens=16")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "image2text.json").read_text())
@@ -149,15 +126,15 @@ def test_cli_image2text_reads_an_image_file(world, cli_env, validation_images, t
 
 
 @pytest.mark.parametrize("case", ["no_workdir", "unreadable_image", "missing_image", "long_prompt", "no_index"])
-def test_cli_bad_requests_exit_2_with_one_line(case, world, cli_env, tmp_path):
+def test_cli_bad_requests_exit_2_with_one_line(case, sample_world, cli_env, tmp_path):
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not an image at all")
     workdir, flags, expected = {
         "no_workdir": (str(tmp_path / "nowhere"), ["--prompt=x"], "does not exist"),
-        "unreadable_image": (world["lm"], ["--task=image2text", f"--image={garbage}"], "garbage.png"),
-        "missing_image": (world["lm"], ["--task=image2text", f"--image={tmp_path / 'absent.png'}"], "absent.png"),
-        "long_prompt": (world["lm"], ["--prompt=" + "red " * 900], "context"),
-        "no_index": (world["lm"], ["--prompt=x", "--retrieve=1", f"--index={tmp_path / 'no_index'}"], "no_index"),
+        "unreadable_image": (sample_world["lm"], ["--task=image2text", f"--image={garbage}"], "garbage.png"),
+        "missing_image": (sample_world["lm"], ["--task=image2text", f"--image={tmp_path / 'absent.png'}"], "absent.png"),
+        "long_prompt": (sample_world["lm"], ["--prompt=" + "red " * 900], "context"),
+        "no_index": (sample_world["lm"], ["--prompt=x", "--retrieve=1", f"--index={tmp_path / 'no_index'}"], "no_index"),
     }[case]
     result = _sample(cli_env, workdir, *flags, f"--out={tmp_path / 'out'}")
     assert result.returncode == 2, result.stderr[-3000:]
