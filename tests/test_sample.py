@@ -2,9 +2,9 @@
 
 The session-scoped `sample_world` of conftest: palette-tokenized shapes (120 train / 24
 validation documents, 16x16 codes per 32x32 image), a tiny dual encoder, its retrieval
-build, and the tiny LM trained a few steps on retrieval-augmented rows. The model is not good; these tests check
-that every task runs through the real stack, that its outputs have the right form, and
-that bad requests are one clear line with exit code 2.
+build, and the tiny LM trained a few steps on retrieval-augmented rows. The model is not
+good; these tests check that every task runs through the real stack, that its outputs
+have the right form, and that bad requests are one clear line with exit code 2.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def validation_images(sample_world):
     return load_image_tokenizer(sample_world["data"]).decode(codes)
 
 
-def test_load_finds_the_runs_index_and_reranker(generator, world):
+def test_load_finds_the_runs_index_and_reranker(generator):
     assert generator.retriever is not None and generator.reranker is not None
     assert generator.model.step == SAMPLE_WORLD_LM_STEPS
     assert generator.model.image_tokens == GRID * GRID
