@@ -84,6 +84,7 @@ def restore_arrays(path: str, item: dict, what: str, section: str) -> dict:
       UserError: an array of `item` is missing from the checkpoint or has another shape,
         or the checkpoint cannot be read.
     """
+    path = os.path.abspath(path)  # Orbax's OCDBT reader refuses relative paths
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             _check_against_metadata(item, checkpointer.metadata(path), path, what, section)

@@ -10,6 +10,7 @@ have the right form, and that bad requests are one clear line with exit code 2.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -104,7 +105,8 @@ def _sample(env, workdir, *flags) -> subprocess.CompletedProcess:
 
 def test_cli_text2image_writes_pngs_and_scores(sample_world, cli_env, tmp_path):
     out = tmp_path / "samples"
-    result = _sample(cli_env, sample_world["lm"], "--task=text2image", "--prompt=a large red circle in the centre",
+    relative = os.path.relpath(sample_world["lm"], REPO_ROOT)  # Orbax needs absolute paths; users type these
+    result = _sample(cli_env, relative, "--task=text2image", "--prompt=a large red circle in the centre",
                      "--num_samples=2", "--retrieve=1", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "text2image.json").read_text())
