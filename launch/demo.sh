@@ -11,7 +11,10 @@
 #   4. trains the tiny mixed-modal LM on retrieval-augmented documents with the CM3
 #      objective, sharded over 8 fake CPU devices (data=2 x fsdp=2 x tensor=2), pre-empting
 #      it with SIGTERM after step 50 and resuming with the same command;
-#   5. prints the loss summary and the CM3leon-350M dry run (parameters, FLOPs, memory).
+#   5. prints the loss summary;
+#   6. samples from it: text -> image (retrieval, CFG + contrastive decoding, re-ranked by the
+#      retriever) and image -> text, PNGs and JSON in WORKDIR/lm/samples;
+#   7. shows the CM3leon-350M dry run (parameters, FLOPs, memory).
 #
 #   launch/demo.sh [WORKDIR]      (default: demo_run; stages write WORKDIR/vqgan, WORKDIR/data,
 #                                  WORKDIR/retriever, WORKDIR/index and WORKDIR/lm)
@@ -53,7 +56,7 @@ progress "$retriever/train.log" 2
 python -m cm3jax.retrieval.build --config=experiments/tiny_lm.py --workdir="$index" \
   --config.data.source="prepared:$data" --config.retrieval.encoder="$retriever" >/dev/null 2>"$root/build.log" \
   || fail "$root/build.log"
-grep -E "neighbours of" "$root/build.log" | sed 's/^.*\] /   /'
+grep -E "neighbours of|nothing to do" "$root/build.log" | sed 's/^.*\] /   /'
 python - "$index" 2>>"$root/build.log" <<'PY'
 import sys
 from cm3jax.retrieval import Retriever
@@ -98,7 +101,32 @@ print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.3f} -> {last
       f"eval loss {last.get('eval_loss', float('nan')):.3f}")
 print(f"throughput {last['tokens_per_sec']:.0f} tokens/s, MFU {100 * last['mfu']:.1f}% of the measured CPU matmul peak")
 PY
-echo "== 6. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
+echo "== 6. sampling from the LM: text -> image (retrieval, CFG + CD-K, re-ranked) and image -> text"
+samples="$lm/samples"
+python -m cm3jax.sample --workdir="$lm" --task=text2image --prompt="a large red circle in the centre" \
+  --num_samples=4 --retrieve=2 --out="$samples" >/dev/null 2>"$root/sample.log" || fail "$root/sample.log"
+python - "$data" "$samples/scene.png" <<'PY' 2>>"$root/sample.log"
+import sys
+from PIL import Image
+from cm3jax.data.records import ArrayRecordDocuments, split_paths
+from cm3jax.tokenizers.image import load_image_tokenizer
+record = ArrayRecordDocuments(split_paths(sys.argv[1], "validation"))[0]
+from cm3jax.tokenizers.text import TextTokenizer
+Image.fromarray(load_image_tokenizer(sys.argv[1]).decode(record["image"][None])[0]).save(sys.argv[2])
+open(sys.argv[2].replace(".png", ".txt"), "w").write(TextTokenizer.load(f"{sys.argv[1]}/tokenizer.model").decode(record["text"]))
+PY
+python -m cm3jax.sample --workdir="$lm" --task=image2text --image="$samples/scene.png" --out="$samples" \
+  --max_new_tokens=40 >/dev/null 2>>"$root/sample.log" || fail "$root/sample.log"
+python - "$samples" <<'PY'
+import json, sys
+t2i = json.load(open(f"{sys.argv[1]}/text2image.json"))["results"][0]
+i2t = json.load(open(f"{sys.argv[1]}/image2text.json"))["results"][0]
+print(f"   {t2i['prompt']!r}: {len(t2i['candidates'])} candidates, best {sys.argv[1]}/{t2i['best']} "
+      f"({t2i['candidates'][0]['method']}, score {t2i['candidates'][0]['score']:.3f}); retrieved {t2i['retrieved']}")
+print(f"   caption of {i2t['image']}: {i2t['caption']!r}  (a 120-step model: expect rough samples)")
+print(f"   its true caption: {open(i2t['image'].replace('.png', '.txt')).read()!r}")
+PY
+echo "== 7. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
 python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run --dry_run_devices=256 2>/dev/null | grep -v '^{'
 echo "demo finished: VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png), data in $data,"
 echo "  retriever in $retriever, index + neighbours in $index, LM in $lm (metrics.jsonl, TensorBoard in $lm/tensorboard)"

@@ -180,6 +180,8 @@ def _index_and_neighbours(config, workdir: str, encoder: RetrievalEncoder, polic
         memory = load_embeddings(workdir, "train", manifest["counts"]["train"], chunk)
         index = _index(config, workdir, memory, encoder)
         os.makedirs(os.path.join(workdir, "neighbours"), exist_ok=True)
+    if not missing:
+        logging.info("%s is complete (neighbours of every split present): nothing to do", workdir)
     for split, count in missing.items():
         began = time.perf_counter()
         queries = memory if split == "train" else load_embeddings(workdir, split, count, chunk)
