@@ -181,7 +181,7 @@ def _index_and_neighbours(config, workdir: str, encoder: RetrievalEncoder, polic
         index = _index(config, workdir, memory, encoder)
         os.makedirs(os.path.join(workdir, "neighbours"), exist_ok=True)
     if not missing:
-        logging.info("%s is complete (neighbours of every split present): nothing to do", workdir)
+        logging.info("%s is complete (every split's neighbour file is written): nothing to do", workdir)
     for split, count in missing.items():
         began = time.perf_counter()
         queries = memory if split == "train" else load_embeddings(workdir, split, count, chunk)
