@@ -1,8 +1,8 @@
 """Sampler (CPU, float32): cm3jax KV-cache decoding vs Hugging Face transformers `generate`.
 
-    python benchmarks/sampler.py                  # OPT-125m shapes, batch 1 and 8 (~35 min on 2 shared cores)
-    python benchmarks/sampler.py --shape demo     # the shapes demo LM (~3 min)
-    python benchmarks/sampler.py --new-tokens 64 --no-cache-tokens 16 --runs 1   # smoke run
+    python benchmarks/sampler.py               # OPT-125m shapes (~25 min on 2 cores, more if busy)
+    python benchmarks/sampler.py --shape demo  # the shapes demo LM (~30 s)
+    python benchmarks/sampler.py --shape demo --new-tokens 64 --no-cache-tokens 16 --runs 1
 
 Workload: text-to-image decoding of one 256x256 image, 32x32 = 1,024 image codes per row,
 after a 16-token caption ending in `<break>` (every row its own random caption), greedy, for
@@ -11,7 +11,7 @@ batch 1 and batch 8, on random weights of the same shape in both frameworks:
 - cm3jax: `Decoder` with `SamplingConfig(max_new_tokens=1024, greedy=True,
   image_tokens=1024, stop_at_image_end=False)`; the modality constraint allows only image
   codes until 1,024 are out, so every row generates exactly 1,024 tokens. One jitted call:
-  prefill, then a `lax.while_loop` of KV-cache steps. (The decoder pads prompts to a
+  prefill, then `lax.while_loop`s of KV-cache steps. (The decoder pads prompts to a
   multiple of 32 slots; the 16 padding slots are masked, extra work on cm3jax's side only.)
 - transformers: `OPTForCausalLM.generate(input_ids, attention_mask, max_new_tokens=1024,
   min_new_tokens=1024, do_sample=False, use_cache=True)` (greedy, DynamicCache, sdpa
@@ -20,10 +20,10 @@ batch 1 and batch 8, on random weights of the same shape in both frameworks:
 Both sides run prefill + decode, timed together (the same work), float32, in this process on
 the host's cores. tokens/s = batch x 1,024 / seconds. Compilation is excluded: cm3jax is
 warmed up with one untimed run of the same shapes, transformers with a short untimed
-`generate`. torch then gets `torch.set_num_threads(2)` (all cores) or 1 thread, whichever
-generates faster in a short calibration (`--torch-threads auto`; on a busy shared host
-OpenMP's 2-thread barriers can make torch several times slower than 1 thread): the baseline
-is the faster setting. Then `--runs` rounds time one run of each side, alternating the
+`generate`. torch then gets `torch.set_num_threads` with all cores (2 here) or with 1,
+whichever generates faster in a 64-token calibration (`--torch-threads auto`; on a busy
+shared host OpenMP's 2-thread barriers can make torch many times slower than 1 thread): the
+baseline is the faster setting. Then `--runs` rounds time one run of each side, alternating the
 order, so load from other jobs hits both alike; headline = median seconds.
 ratio = cm3jax tokens/s / transformers tokens/s (batch 8; `ratio_batch1` for batch 1).
 
@@ -41,8 +41,9 @@ Shapes (`--shape`):
   2048 positions (`OPTConfig()`); cm3jax's vocab laid out as 42060 text ids + 8192 image
   codes (CM3leon's codebook) + 4 specials + 16 masks = 50272. The default because at this
   size both sides do real work per token (~0.5 GB of float32 weights streamed per step,
-  plus the cache), so the ratio measures the decoders; on the demo LM a step is ~10 us of
-  arithmetic and the ratio measures transformers' Python/dispatch overhead per token.
+  plus the cache), so the ratio compares the decoders; on the demo LM a cm3jax step takes a
+  fraction of a millisecond and the ratio mostly measures transformers' Python / dispatch
+  cost per token (~1 ms).
 - demo: experiments/tiny_lm.py's LM, 2 layers, d_model 64, 4 heads of 16, mlp 256, vocab
   512 text + 512 codes + 4 specials + 8 masks = 1036 ids padded to 1152; max_len 1088
   instead of its 1024 (the demo samples 256-code images; 16 + 1,024 tokens need 1,040).
