@@ -141,9 +141,8 @@ class Generator:
             codes = np.stack([self._codes(row) for row, _ in samples])
             pixels = self.model.image_tokenizer.decode(codes)
             scores = self._rerank(text, codes, pixels)
-            candidates = [ImageCandidate(c, p, method, None if scores is None else float(s))
-                          for c, p, (_, method), s in zip(codes, pixels, samples,
-                                                          scores if scores is not None else [None] * len(codes))]
+            candidates = [ImageCandidate(c, p, method, None if scores is None else float(scores[j]))
+                          for j, (c, p, (_, method)) in enumerate(zip(codes, pixels, samples))]
             if scores is not None:
                 candidates.sort(key=lambda c: -c.score)
             results.append(Text2ImageResult(text, [r.caption for r in docs], candidates))
