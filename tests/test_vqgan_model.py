@@ -333,3 +333,19 @@ def test_hinge_losses_and_adaptive_weight_hand_checked():
     np.testing.assert_allclose(weight(nll, jnp.zeros(2)), 1e4)  # 5 / 1e-4, clipped
     np.testing.assert_allclose(discriminator.adaptive_weight(nll, g, max_weight=0.1), 0.1)
     np.testing.assert_array_equal(jax.grad(lambda a: discriminator.adaptive_weight(a, g))(nll), 0.0)
+
+
+def test_patch_encoder_codes_see_only_their_patch():
+    """encoder='patch': changing one f x f patch changes that latent and no other."""
+    cfg = dataclasses.replace(TINY, encoder="patch")
+    model = vqgan.create_vqgan(cfg, 0)
+    images = np.zeros((2, 16, 16, 3), np.float32)
+    images[1, 4:6, 10:12] = 1.0  # the patch at latent (2, 5) for f = 2
+    latents = np.asarray(jax.jit(lambda m, x: m.quant_conv(m.encoder(x)))(model, images))
+    changed = np.argwhere(np.abs(latents[0] - latents[1]).sum(-1) > 0)
+    np.testing.assert_array_equal(changed, [[2, 5]])
+
+
+def test_unknown_encoder_names_the_field():
+    with pytest.raises(ConfigError, match="vqgan.encoder"):
+        dataclasses.replace(TINY, encoder="vit")

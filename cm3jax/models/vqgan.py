@@ -2,7 +2,8 @@
 
 Images are NHWC floats in [-1, 1] of the configured resolution. The encoder (taming's
 `Encoder`, no double_z) downsamples by 2 ** (len(channel_multipliers) - 1) with residual
-blocks, stride-2 convolutions and attention at the lowest resolution; `quant_conv` maps to
+blocks, stride-2 convolutions and attention at the lowest resolution; `encoder='patch'`
+instead embeds each f x f patch on its own (`PatchEncoder`: codes are local); `quant_conv` maps to
 the `embed_dim` latent the quantiser (cm3jax/models/quantizer.py) turns into int32 codes;
 `post_quant_conv` and the decoder map codes back to images (no tanh, like taming).
 
@@ -38,6 +39,7 @@ def base_vqgan_config() -> ml_collections.ConfigDict:
     c.channel_multipliers = (1, 2, 2, 4)  # per level; downsample = 2 ** (levels - 1)
     c.num_res_blocks = 2  # residual blocks per level (decoder: one more)
     c.attention = True  # self-attention at the lowest resolution and in the mid block
+    c.encoder = "taming"  # 'taming' (3x3 convs, GroupNorm) or 'patch' (each code sees only its f x f patch)
     c.norm_groups = 32  # GroupNorm groups (gcd with the channel count)
     c.embed_dim = 256  # latent channels (quantiser input / decoder input)
     c.codebook_size = 8192  # number of codes
@@ -68,6 +70,7 @@ class VQGANConfig:
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
     attention: bool = True
+    encoder: str = "taming"
     norm_groups: int = 32
     embed_dim: int = 256
     codebook_size: int = 8192
@@ -98,6 +101,7 @@ class VQGANConfig:
             "codebook_size": (self.codebook_size >= 2, "needs at least 2 codes"),
             "ema_decay": (0.0 <= self.ema_decay < 1.0, "must be in [0, 1)"),
             "usage_decay": (0.0 <= self.usage_decay < 1.0, "must be in [0, 1)"),
+            "encoder": (self.encoder in ("taming", "patch"), "must be 'taming' or 'patch'"),
             "disc_norm": (self.disc_norm in ("group", "none"), "must be 'group' or 'none'"),
             "disc_layers": (self.resolution // 2**self.disc_layers - 2 >= 1,
                             f"{self.disc_layers} layers leave no patch logits at resolution "
@@ -156,32 +160,42 @@ class Conv(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm over channels (gcd(norm_groups, channels) groups), statistics in float32."""
+    """GroupNorm over channels (gcd(norm_groups, channels) groups), statistics in float32.
+
+    `per_pixel` normalises each pixel's channels on their own (a LayerNorm over channels), so
+    the output at a pixel depends on nothing else in the image.
+    """
 
     def __init__(self, cfg: VQGANConfig, rngs: nnx.Rngs, channels: int, eps: float = 1e-6,
-                 scale_init=nnx.initializers.ones):
-        self.groups, self.eps = math.gcd(cfg.norm_groups, channels), eps
+                 scale_init=nnx.initializers.ones, per_pixel: bool = False):
+        self.groups, self.eps = (1 if per_pixel else math.gcd(cfg.norm_groups, channels)), eps
+        self.axes = (4,) if per_pixel else (1, 2, 4)
         self.scale = make_param(rngs, scale_init, (channels,), ("norm",), cfg)
         self.bias = make_param(rngs, nnx.initializers.zeros, (channels,), ("norm",), cfg)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+        mean = jnp.mean(g, axis=self.axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=self.axes, keepdims=True)
         g = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
         g = g * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return g.astype(x.dtype)
 
 
 class ResnetBlock(nnx.Module):
-    """norm-swish-conv3x3 twice plus a (1x1-projected when channels change) shortcut."""
+    """norm-swish-conv3x3 twice plus a (1x1-projected when channels change) shortcut.
 
-    def __init__(self, cfg: VQGANConfig, rngs: nnx.Rngs, in_channels: int, out_channels: int):
-        self.norm1 = GroupNorm(cfg, rngs, in_channels)
-        self.conv1 = Conv(cfg, rngs, in_channels, out_channels)
-        self.norm2 = GroupNorm(cfg, rngs, out_channels)
-        self.conv2 = Conv(cfg, rngs, out_channels, out_channels)
+    `pointwise` makes it local to each pixel: 1x1 convs and per-pixel norms.
+    """
+
+    def __init__(self, cfg: VQGANConfig, rngs: nnx.Rngs, in_channels: int, out_channels: int,
+                 pointwise: bool = False):
+        kernel = 1 if pointwise else 3
+        self.norm1 = GroupNorm(cfg, rngs, in_channels, per_pixel=pointwise)
+        self.conv1 = Conv(cfg, rngs, in_channels, out_channels, kernel=kernel)
+        self.norm2 = GroupNorm(cfg, rngs, out_channels, per_pixel=pointwise)
+        self.conv2 = Conv(cfg, rngs, out_channels, out_channels, kernel=kernel)
         self.shortcut = (Conv(cfg, rngs, in_channels, out_channels, kernel=1)
                          if in_channels != out_channels else None)
 
@@ -276,6 +290,30 @@ class Encoder(nnx.Module):
         return self.conv_out(jax.nn.swish(self.norm_out(x)))
 
 
+class PatchEncoder(nnx.Module):
+    """Images -> latents where each code's latent is a function of its own f x f patch only.
+
+    A stride-f f x f convolution cuts the image into patches, then `num_res_blocks` per
+    level of pointwise residual blocks (1x1 convs, per-pixel norms) embed each patch. The
+    same patch always gets the same code wherever it is and whatever surrounds it, which
+    keeps the code stream simple for the LM on flat-coloured data (e.g. shapes).
+    """
+
+    def __init__(self, cfg: VQGANConfig, rngs: nnx.Rngs):
+        channels = cfg.base_channels * cfg.channel_multipliers[-1]
+        self.conv_in = Conv(cfg, rngs, cfg.in_channels, channels, kernel=cfg.downsample,
+                            stride=cfg.downsample, padding=0)
+        count = cfg.num_res_blocks * len(cfg.channel_multipliers)
+        self.blocks = nnx.List([ResnetBlock(cfg, rngs, channels, channels, pointwise=True)
+                                for _ in range(count)])
+        self.norm_out = GroupNorm(cfg, rngs, channels, per_pixel=True)
+        self.conv_out = Conv(cfg, rngs, channels, cfg.embed_dim, kernel=1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _run(self.blocks, self.conv_in(x))
+        return self.conv_out(jax.nn.swish(self.norm_out(x)))
+
+
 class Decoder(nnx.Module):
     """Latents [B, g, g, embed_dim] -> images [B, R, R, C] (no output nonlinearity)."""
 
@@ -305,7 +343,7 @@ class VQGAN(nnx.Module):
 
     def __init__(self, cfg: VQGANConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.encoder = Encoder(cfg, rngs)
+        self.encoder = PatchEncoder(cfg, rngs) if cfg.encoder == "patch" else Encoder(cfg, rngs)
         self.quant_conv = Conv(cfg, rngs, cfg.embed_dim, cfg.embed_dim, kernel=1)
         self.quantizer = VectorQuantizer(cfg, rngs)
         self.post_quant_conv = Conv(cfg, rngs, cfg.embed_dim, cfg.embed_dim, kernel=1)
