@@ -1,92 +1,48 @@
-"""`python -m cm3jax.eval --workdir=DIR --task=reconstruction|retrieval [--n=N] [--lpips_weights=PATH]`.
+"""`python -m cm3jax.eval --workdir=DIR --task=TASK [--n=N] ...`.
 
-Evaluates a trained run and writes DIR/eval/<task>.json (plus a PNG grid for visual
-tasks). Tasks so far:
+Evaluates a trained run and writes DIR/eval/<task>.json (plus a PNG grid for visual tasks):
   reconstruction   a `vqgan` workdir: PSNR, SSIM, LPIPS (with --lpips_weights), codebook
                    usage / perplexity over the validation images of its config, and — on
                    the shapes benchmark — how often the shapes oracle reads the same scene
                    from the reconstruction as from the original.
   retrieval        a `retriever` workdir: text->image and image->text recall@1/5/10 with
                    the first N validation documents of its prepared data as the memory.
+  text2image       an LM workdir: shapes-oracle accuracy of images generated for N seeded
+                   captions (single objects with and without CFG and retrieval, 2-3 objects,
+                   held-out colour/shape pairs) and FID (Inception pool3 with
+                   --inception_weights, else the retriever's image tower, named as such).
+  image2text       an LM workdir: oracle accuracy, CIDEr-D and BLEU-4 of greedy captions.
+  all              a launch/demo.sh directory: every section its vqgan/, retriever/ and lm/
+                   hold, into DIR/eval.json and DIR/report.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
-import ml_collections
-import numpy as np
 from absl import app, flags
 
-from cm3jax import logs, runs
-from cm3jax.data.pipeline import prepared_dir
-from cm3jax.data.prepare import open_split
-from cm3jax.data.records import ArrayRecordDocuments, split_paths
-from cm3jax.errors import UserError, exit_on_user_error
-from cm3jax.eval.retrieval import evaluate_retrieval
-from cm3jax.eval.reconstruction import evaluate_reconstruction, oracle_agreement, reconstruct, save_grid
-from cm3jax.models import perceptual
-from cm3jax.retrieval.encoder import RetrievalEncoder
-from cm3jax.tokenizers.image import VQGANTokenizer
+from cm3jax import logs
+from cm3jax.errors import exit_on_user_error
+from cm3jax.eval import suite
+from cm3jax.eval.generation import GenerationEvalOptions
 
-TASKS = ("reconstruction", "retrieval")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints + config.json).")
+TASKS = ("reconstruction", "retrieval", "text2image", "image2text", "all")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints + config.json); a demo directory "
+                               "for --task=all.")
 _TASK = flags.DEFINE_enum("task", "reconstruction", TASKS, "What to evaluate.")
 _N = flags.DEFINE_integer("n", 256, "Validation images (reconstruction) or documents (retrieval) to evaluate.")
+_PROMPTS = flags.DEFINE_integer("prompts", 64, "Prompts (images) per scene set of text2image / image2text.")
+_SEED = flags.DEFINE_integer("seed", 0, "Scene sets and sampling noise of text2image / image2text.")
+_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale of text2image.")
+_RETRIEVE = flags.DEFINE_integer("retrieve", 2, "Documents retrieved for text2image (when the run has an index).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus of the text2image samples.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "text2image candidates per prompt; the re-ranker's best "
+                                    "is scored.")
+_INDEX = flags.DEFINE_string("index", None, "Retrieval build directory (default: the LM run's own).")
 _LPIPS = flags.DEFINE_string("lpips_weights", "", "LPIPS weights (.npz or lpips .pth); '' skips LPIPS.")
-
-
-def _write(workdir: str, task: str, result: dict) -> str:
-    """Writes DIR/eval/<task>.json; returns the eval directory."""
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{task}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return out
-
-
-def _run_config(workdir: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(runs.read_config(workdir, "cm3jax training run"))
-
-
-def validation_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
-    """The first `n` decodable images of the run's validation source."""
-    source = open_split(config, "validation")
-    images = [r["image"] for r in (source[i] for i in range(len(source))) if "error" not in r][:n]
-    if not images:
-        raise UserError("the run's validation source holds no readable images")
-    return np.stack(images)
-
-
-def evaluate_tokenizer(workdir: str, n: int, lpips_weights: str) -> dict:
-    """Reconstruction metrics of the VQGAN in `workdir`; writes DIR/eval/reconstruction.{json,png}."""
-    config = _run_config(workdir)
-    tokenizer = VQGANTokenizer.load(workdir)
-    images = validation_images(config, n)
-    lpips_net = perceptual.load(lpips_weights) if lpips_weights else None
-    result = evaluate_reconstruction(tokenizer, images, lpips_net=lpips_net)
-    _, reconstructions = reconstruct(tokenizer, images)
-    if config.prepare.sources.validation == "shapes":
-        result["oracle_agreement"] = oracle_agreement(images, reconstructions)
-    result["step"] = tokenizer.step
-    out = _write(workdir, "reconstruction", result)
-    save_grid(images[:16], reconstructions[:16], os.path.join(out, "reconstruction.png"))
-    return result
-
-
-def evaluate_retriever(workdir: str, n: int) -> dict:
-    """Recall@k of the retriever in `workdir` on n validation documents; writes DIR/eval/retrieval.json."""
-    config = _run_config(workdir)
-    directory = prepared_dir(config)
-    paths = split_paths(directory, "validation") if directory else []
-    if not paths:
-        raise UserError(f"{workdir}: its data ({config.data.source}) has no validation split to evaluate on")
-    documents = ArrayRecordDocuments(paths)
-    records = [documents[i] for i in range(min(n, len(documents)))]
-    result = evaluate_retrieval(RetrievalEncoder.load(workdir), records)
-    _write(workdir, "retrieval", result)
-    return result
+_INCEPTION = flags.DEFINE_string("inception_weights", "", "pytorch-fid's pt_inception-2015-12-05 .pth (or our "
+                                 ".npz); '' scores FID with the retriever's image tower instead.")
 
 
 @exit_on_user_error
@@ -96,10 +52,17 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     logs.quiet_third_party_logs()
-    if _TASK.value == "retrieval":
-        result = evaluate_retriever(_WORKDIR.value, _N.value)
+    options = GenerationEvalOptions(n=_PROMPTS.value, seed=_SEED.value, guidance=_GUIDANCE.value,
+                                    retrieve=_RETRIEVE.value, top_p=_TOP_P.value, num_samples=_NUM_SAMPLES.value)
+    workdir, task = _WORKDIR.value, _TASK.value
+    if task == "retrieval":
+        result = suite.evaluate_retriever(workdir, _N.value)
+    elif task == "reconstruction":
+        result = suite.evaluate_tokenizer(workdir, _N.value, _LPIPS.value)
+    elif task == "all":
+        result = suite.evaluate_all(workdir, _N.value, options, _INCEPTION.value)
     else:
-        result = evaluate_tokenizer(_WORKDIR.value, _N.value, _LPIPS.value)
+        result = suite.evaluate_generation(workdir, task, options, _INDEX.value, _INCEPTION.value)
     print(json.dumps(result))
 
 

@@ -22,16 +22,15 @@ with any image tokenizer (`PaletteTokenizer`, `VQGANTokenizer`: `encode`, `decod
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from cm3jax.data import shapes
+from cm3jax.eval import grid
 
 PSNR_CAP_DB = 100.0  # PSNR of (near-)identical images; an exact match would be inf
 SSIM_WINDOW = 11
@@ -199,15 +198,4 @@ def save_grid(originals: np.ndarray, reconstructions: np.ndarray, path: str | os
     a, b = _check_pair(originals, reconstructions)
     if len(a) == 0 or columns < 1:
         raise ValueError(f"save_grid needs images and columns >= 1, got {len(a)} and {columns}")
-    n, h, w, _ = a.shape
-    cols, pairs = min(n, columns), math.ceil(n / columns)
-    grid = np.zeros((2 * pairs * h, cols * w, 3), np.uint8)
-    for i in range(n):
-        row, col = divmod(i, columns)
-        grid[2 * row * h:(2 * row + 1) * h, col * w:(col + 1) * w] = a[i]
-        grid[(2 * row + 1) * h:(2 * row + 2) * h, col * w:(col + 1) * w] = b[i]
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    Image.fromarray(grid).save(os.fspath(path), format="PNG")
-    return grid.shape[1], grid.shape[0]
+    return grid.save_rows([a, b], path, columns)

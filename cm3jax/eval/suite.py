@@ -1,0 +1,150 @@
+"""The evaluations `python -m cm3jax.eval` runs, one function per task, each writing
+DIR/eval/<task>.json; `evaluate_all` runs every section a demo directory has and writes
+DIR/eval.json and DIR/report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from cm3jax import runs
+from cm3jax.data.pipeline import prepared_dir
+from cm3jax.data.prepare import open_split
+from cm3jax.data.records import ArrayRecordDocuments, split_paths
+from cm3jax.errors import UserError
+from cm3jax.eval import fid, generation, report
+from cm3jax.eval.reconstruction import evaluate_reconstruction, oracle_agreement, reconstruct, save_grid
+from cm3jax.eval.retrieval import evaluate_retrieval
+from cm3jax.models import inception, perceptual
+from cm3jax.retrieval.encoder import RetrievalEncoder
+from cm3jax.sampling.generate import Generator
+from cm3jax.tokenizers.image import VQGANTokenizer
+
+# Sub-directories of a demo directory (launch/demo.sh) and the section each one feeds.
+DEMO_STAGES = {"vqgan": "vqgan", "retriever": "retrieval", "lm": ("text2image", "image2text")}
+STAGE_TIMES = "stage_times.json"  # written by launch/demo.sh: {stage: seconds}
+
+
+def write_result(workdir: str, task: str, result: dict) -> str:
+    """Writes DIR/eval/<task>.json; returns the eval directory."""
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{task}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return out
+
+
+def _run_config(workdir: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(runs.read_config(workdir, "cm3jax training run"))
+
+
+def validation_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+    """The first `n` decodable images of the run's validation source."""
+    source = open_split(config, "validation")
+    images = [r["image"] for r in (source[i] for i in range(len(source))) if "error" not in r][:n]
+    if not images:
+        raise UserError("the run's validation source holds no readable images")
+    return np.stack(images)
+
+
+def evaluate_tokenizer(workdir: str, n: int, lpips_weights: str = "") -> dict:
+    """Reconstruction metrics of the VQGAN in `workdir`; writes DIR/eval/reconstruction.{json,png}."""
+    config = _run_config(workdir)
+    tokenizer = VQGANTokenizer.load(workdir)
+    images = validation_images(config, n)
+    lpips_net = perceptual.load(lpips_weights) if lpips_weights else None
+    result = evaluate_reconstruction(tokenizer, images, lpips_net=lpips_net)
+    _, reconstructions = reconstruct(tokenizer, images)
+    if config.prepare.sources.validation == "shapes":
+        result["oracle_agreement"] = oracle_agreement(images, reconstructions)
+    result["step"] = tokenizer.step
+    out = write_result(workdir, "reconstruction", result)
+    save_grid(images[:16], reconstructions[:16], os.path.join(out, "reconstruction.png"))
+    return result
+
+
+def evaluate_retriever(workdir: str, n: int) -> dict:
+    """Recall@k of the retriever in `workdir` on n validation documents; writes DIR/eval/retrieval.json."""
+    config = _run_config(workdir)
+    directory = prepared_dir(config)
+    paths = split_paths(directory, "validation") if directory else []
+    if not paths:
+        raise UserError(f"{workdir}: its data ({config.data.source}) has no validation split to evaluate on")
+    documents = ArrayRecordDocuments(paths)
+    records = [documents[i] for i in range(min(n, len(documents)))]
+    result = evaluate_retrieval(RetrievalEncoder.load(workdir), records)
+    write_result(workdir, "retrieval", result)
+    return result
+
+
+def feature_extractor(generator: Generator, inception_weights: str) -> fid.FeatureExtractor | None:
+    """Inception pool3 features from `inception_weights`, else the re-ranker's image tower
+    (a different metric, named so in the output), else None (no FID)."""
+    if inception_weights:
+        return fid.InceptionFeatures(inception.load_inception_weights(inception_weights))
+    if generator.reranker is None:
+        return None
+    return fid.DualEncoderFeatures(generator.reranker, generator.model.image_tokenizer)
+
+
+def evaluate_generation(workdir: str, task: str, options: generation.GenerationEvalOptions,
+                        index: str | None = None, inception_weights: str = "",
+                        generator: Generator | None = None) -> dict:
+    """`task` = 'text2image' or 'image2text' on the LM run in `workdir`; writes DIR/eval/<task>.json."""
+    generator = generator or Generator.load(workdir, index=index)
+    out = os.path.join(workdir, "eval")
+    if task == "text2image":
+        result = generation.evaluate_text2image(generator, options, out,
+                                                feature_extractor(generator, inception_weights))
+    else:
+        result = generation.evaluate_image2text(generator, options, out)
+    result["step"] = generator.model.step
+    write_result(workdir, task, result)
+    return result
+
+
+def _stage_times(root: str) -> dict:
+    path = os.path.join(root, STAGE_TIMES)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def evaluate_all(root: str, n: int, options: generation.GenerationEvalOptions, inception_weights: str = "") -> dict:
+    """Every section a demo directory `root` holds (vqgan/, retriever/, lm/), as ROOT/eval.json
+    plus ROOT/report.md; each section's own JSON and grids stay in its workdir's eval/.
+
+    Raises:
+      UserError: `root` holds none of the demo's stage directories.
+    """
+    present = [stage for stage in DEMO_STAGES if runs.checkpoint_steps(os.path.join(root, stage))]
+    if not present:
+        raise UserError(f"--task=all: {root} holds none of {', '.join(f'{s}/' for s in DEMO_STAGES)} with "
+                        "checkpoints (a launch/demo.sh directory)")
+    result: dict = {}
+    seconds: dict = {}
+    for stage in present:
+        workdir = os.path.join(root, stage)
+        start = time.perf_counter()
+        if stage == "vqgan":
+            result["vqgan"] = evaluate_tokenizer(workdir, n)
+        elif stage == "retriever":
+            section = evaluate_retriever(workdir, n)
+            result["retrieval"] = {"recall_at_1": section["text_to_image_recall_at_1"],
+                                   "recall_at_5": section["text_to_image_recall_at_5"], **section}
+        else:
+            generator = Generator.load(workdir)
+            for task in DEMO_STAGES["lm"]:
+                result[task] = evaluate_generation(workdir, task, options, inception_weights=inception_weights,
+                                                   generator=generator)
+        seconds[f"eval_{stage}"] = round(time.perf_counter() - start, 1)
+    result["wall_time_seconds"] = {**_stage_times(root), **seconds}
+    with open(os.path.join(root, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    report.write_report(root, result)
+    return result
