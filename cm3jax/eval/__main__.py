@@ -12,8 +12,24 @@ Evaluates a trained run and writes DIR/eval/<task>.json (plus a PNG grid for vis
                    held-out colour/shape pairs) and FID (Inception pool3 with
                    --inception_weights, else the retriever's image tower, named as such).
   image2text       an LM workdir: oracle accuracy, CIDEr-D and BLEU-4 of greedy captions.
+  fid              an LM workdir: zero-shot MS-COCO FID (below), into DIR/eval/fid.{json,png}.
   all              a launch/demo.sh directory: every section its vqgan/, retriever/ and lm/
                    hold, into DIR/eval.json and DIR/report.md.
+
+Zero-shot MS-COCO FID (CM3leon's protocol):
+
+  python -m cm3jax.eval --workdir=LM_DIR --task=fid --captions=annotations/captions_val2014.json \
+      --images=val2014/ --n=30000 --inception_weights=pt_inception-2015-12-05-6726825d.pth \
+      [--guidance=3 --top_p=0.9 --retrieve=2 --num_samples=1 --seed=0]
+
+--n random captions of the val2014 captions file (seeded by --seed, without replacement; the
+paper uses 30k), one generated image per caption (the re-ranker's best of --num_samples, CFG
+--guidance, nucleus --top_p, --retrieve documents when the run has an index). The reference
+set is those captions' images from --images (an image with several sampled captions counts
+once per caption), centre-cropped to a square and resized (bicubic) to the model's
+resolution. Both sets go through the Inception pool3 of pytorch-fid's weights, given by path
+(--inception_weights); without them the retriever's image tower is used, reported under its
+own name ("dual_encoder_image") and not comparable to FID.
 """
 
 from __future__ import annotations
@@ -23,15 +39,16 @@ import json
 from absl import app, flags
 
 from cm3jax import logs
-from cm3jax.errors import exit_on_user_error
+from cm3jax.errors import UserError, exit_on_user_error
 from cm3jax.eval import suite
 from cm3jax.eval.generation import GenerationEvalOptions
 
-TASKS = ("reconstruction", "retrieval", "text2image", "image2text", "all")
+TASKS = ("reconstruction", "retrieval", "text2image", "image2text", "fid", "all")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints + config.json); a demo directory "
                                "for --task=all.")
 _TASK = flags.DEFINE_enum("task", "reconstruction", TASKS, "What to evaluate.")
-_N = flags.DEFINE_integer("n", 256, "Validation images (reconstruction) or documents (retrieval) to evaluate.")
+_N = flags.DEFINE_integer("n", 256, "Validation images (reconstruction), documents (retrieval) or COCO captions "
+                          "(fid; the protocol uses 30000) to evaluate.")
 _PROMPTS = flags.DEFINE_integer("prompts", 64, "Prompts (images) per scene set of text2image / image2text.")
 _SEED = flags.DEFINE_integer("seed", 0, "Scene sets and sampling noise of text2image / image2text.")
 _GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale of text2image.")
@@ -43,6 +60,10 @@ _INDEX = flags.DEFINE_string("index", None, "Retrieval build directory (default:
 _LPIPS = flags.DEFINE_string("lpips_weights", "", "LPIPS weights (.npz or lpips .pth); '' skips LPIPS.")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "pytorch-fid's pt_inception-2015-12-05 .pth (or our "
                                  ".npz); '' scores FID with the retriever's image tower instead.")
+
+_CAPTIONS = flags.DEFINE_string("captions", "", "fid: the COCO captions JSON the prompts are drawn from "
+                                "(captions_val2014.json).")
+_IMAGES = flags.DEFINE_string("images", "", "fid: the directory of the captions file's images (val2014/).")
 
 
 @exit_on_user_error
@@ -59,6 +80,11 @@ def main(argv: list[str]) -> None:
         result = suite.evaluate_retriever(workdir, _N.value)
     elif task == "reconstruction":
         result = suite.evaluate_tokenizer(workdir, _N.value, _LPIPS.value)
+    elif task == "fid":
+        if not _CAPTIONS.value or not _IMAGES.value:
+            raise UserError("--task=fid needs --captions=captions_val2014.json and --images=val2014/")
+        result = suite.evaluate_fid(workdir, _CAPTIONS.value, _IMAGES.value, _N.value, options, _INDEX.value,
+                                    _INCEPTION.value)
     elif task == "all":
         result = suite.evaluate_all(workdir, _N.value, options, _INCEPTION.value)
     else:

@@ -40,8 +40,8 @@ class GenerationEvalOptions:
     num_samples: int = 1
 
 
-def _images(generator: Generator, prompts: list[str], options: GenerationEvalOptions, guidance: float,
-            retrieve: int) -> np.ndarray:
+def generate_images(generator: Generator, prompts: list[str], options: GenerationEvalOptions, guidance: float,
+                    retrieve: int) -> np.ndarray:
     """The best (first) candidate per prompt, uint8 [N, R, R, 3]."""
     sampling = TextToImageOptions(num_samples=options.num_samples, guidance=guidance, top_p=options.top_p,
                                   retrieve=retrieve)
@@ -67,7 +67,7 @@ def evaluate_text2image(generator: Generator, options: GenerationEvalOptions, ou
             "multi": ("multi", options.guidance, retrieve), "heldout": ("heldout", options.guidance, retrieve)}
     if retrieve:
         runs["no_retrieval"] = ("single", options.guidance, 0)
-    images = {name: _images(generator, prompts[kind], options, g, k) for name, (kind, g, k) in runs.items()}
+    images = {name: generate_images(generator, prompts[kind], options, g, k) for name, (kind, g, k) in runs.items()}
     scores = {name: shapes_metrics.text2image_oracle(prompts[runs[name][0]], images[name]) for name in runs}
     main = scores["main"]
     result = {

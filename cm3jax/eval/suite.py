@@ -4,19 +4,22 @@ DIR/eval.json and DIR/report.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from typing import Iterator
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cm3jax import runs
 from cm3jax.data.pipeline import prepared_dir
 from cm3jax.data.prepare import open_split
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError
-from cm3jax.eval import fid, generation, report
+from cm3jax.eval import coco, fid, generation, grid, report
 from cm3jax.eval.reconstruction import evaluate_reconstruction, oracle_agreement, reconstruct, save_grid
 from cm3jax.eval.retrieval import evaluate_retrieval
 from cm3jax.models import inception, perceptual
@@ -104,6 +107,75 @@ def evaluate_generation(workdir: str, task: str, options: generation.GenerationE
         result = generation.evaluate_image2text(generator, options, out)
     result["step"] = generator.model.step
     write_result(workdir, task, result)
+    return result
+
+
+FID_BATCH = 64  # captions per text2image call and reference images per feature batch of --task=fid
+FID_GRID = 8  # reference images (over their generations) in DIR/eval/fid.png
+
+
+def _progress(batches: Iterator[np.ndarray], what: str, total: int,
+              head: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Passes `batches` through, logging `done / total` after each and keeping the first
+    grid-width images in `head`."""
+    done = 0
+    for batch in batches:
+        done += len(batch)
+        head.extend(batch[:FID_GRID - len(head)])
+        logging.info("fid: %s %d / %d", what, done, total)
+        yield batch
+
+
+def _fid_generations(generator: Generator, captions: list[str], options: generation.GenerationEvalOptions,
+                     retrieve: int) -> Iterator[np.ndarray]:
+    """One image per caption (the re-ranker's best of `options.num_samples`), FID_BATCH
+    captions per call, each call with its own seed drawn from `options.seed`."""
+    for i, start in enumerate(range(0, len(captions), FID_BATCH)):
+        seed = int(np.random.default_rng([options.seed, i]).integers(2 ** 31))
+        yield generation.generate_images(generator, captions[start:start + FID_BATCH],
+                                 dataclasses.replace(options, seed=seed), options.guidance, retrieve)
+
+
+def evaluate_fid(workdir: str, prompts_path: str, images_dir: str, n: int,
+                 options: generation.GenerationEvalOptions, index: str | None = None,
+                 inception_weights: str = "") -> dict:
+    """Zero-shot MS-COCO FID of the LM run in `workdir`: one image for each of `n` random
+    captions of the COCO captions file `prompts_path` against those captions' images in
+    `images_dir` (centre-cropped, resized to the model's resolution). Both sets are streamed
+    through the feature extractor FID_BATCH images at a time. Writes DIR/eval/fid.json and
+    DIR/eval/fid.png (the first reference images over their generations).
+
+    Raises:
+      UserError: a bad captions file or image, n out of range, or no feature extractor (no
+        --inception_weights and no dual encoder in the run).
+    """
+    items = coco.sample_captions(coco.read_captions(prompts_path), n, options.seed)
+    generator = Generator.load(workdir, index=index)
+    extractor = feature_extractor(generator, inception_weights)
+    if extractor is None:
+        raise UserError(f"--task=fid: {workdir} has no dual encoder to take image features from: pass "
+                        "--inception_weights=pt_inception-2015-12-05-6726825d.pth (pytorch-fid's weights)")
+    retrieve = options.retrieve if generator.retriever is not None else 0
+    resolution = generator.model.image_tokenizer.resolution
+    reference_head: list[np.ndarray] = []
+    generated_head: list[np.ndarray] = []
+    # The reference set first: a missing image fails the run before any generation.
+    reference = fid.image_stats(extractor, _progress(
+        coco.load_reference(images_dir, [item.file_name for item in items], resolution, FID_BATCH),
+        "reference images", n, reference_head))
+    generated = fid.image_stats(extractor, _progress(
+        _fid_generations(generator, [item.caption for item in items], options, retrieve),
+        "generated images", n, generated_head))
+    result = fid.fid_result(extractor, generated, reference)
+    result.update(prompts=prompts_path, images=images_dir, n=n, guidance=options.guidance, top_p=options.top_p,
+                  retrieve=retrieve, num_samples=options.num_samples, seed=options.seed,
+                  step=generator.model.step)
+    out = os.path.join(workdir, "eval")
+    grid.save_rows([np.stack(reference_head), np.stack(generated_head)], os.path.join(out, "fid.png"),
+                   FID_GRID)
+    result["grid"] = {"path": "fid.png", "rows": ["COCO reference images", "generated"],
+                      "prompts": [item.caption for item in items[:len(reference_head)]]}
+    write_result(workdir, "fid", result)
     return result
 
 
