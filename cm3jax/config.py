@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.activation = "gelu"  # 'gelu' (OPT/CM3leon) or 'swiglu' (Chameleon)
     c.model.position = "learned"  # 'learned' absolute positions (CM3leon) or 'rope' (Chameleon)
     c.model.rope_theta = 10000.0  # RoPE base frequency
+    c.model.image_grid = 0  # > 0: learned row + column embeddings of an image_grid^2-code image added to its codes
     c.model.norm = "layernorm"  # 'layernorm' or 'rmsnorm'
     c.model.norm_params = False  # learned norm scale (CM3leon: parameter-free LayerNorm)
     c.model.norm_eps = 1e-5  # epsilon of every norm
@@ -251,6 +252,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         if value < 1:
             raise ConfigError(field, f"must be >= 1, got {value}")
 
+    if m.image_grid < 0:
+        raise ConfigError("model.image_grid", f"must be >= 0 (0 = no 2-D code positions), got {m.image_grid}")
     if config.eval_every > 0 and config.eval_steps < 1:
         raise ConfigError("eval_steps", f"must be >= 1 when eval_every > 0, got {config.eval_steps}")
     if d.seq_len > m.max_len:

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from cm3jax.data.cm3 import (
     CM3Options,
+    cm3_code_positions,
     cm3_invert,
     cm3_transform,
+    image_code_positions,
     make_document,
     prepend_retrieved,
     span_regions,
@@ -225,3 +227,29 @@ def test_prepend_retrieved_validation():
         prepend_retrieved(q, np.ones(2), [np.array([1, VOCAB.doc_id])], VOCAB, True)
     with pytest.raises(ValueError):
         prepend_retrieved(q, np.ones(2), [np.array([MASK0, 1])], VOCAB, True)
+
+
+def test_image_code_positions_count_codes_inside_each_image():
+    doc = make_document([5, 6], VOCAB.image_id(np.array([3, 3, 9])), VOCAB, image_first=False)
+    np.testing.assert_array_equal(image_code_positions(doc, VOCAB), [0, 0, 0, 1, 2, 3, 0, 0])
+    two = np.stack([doc, doc[::-1]])  # any leading shape; each row on its own
+    np.testing.assert_array_equal(image_code_positions(two, VOCAB)[1], [0, 0, 1, 2, 3, 0, 0, 0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), image_first=st.booleans(), n_codes=st.integers(1, 40))
+def test_cm3_code_positions_follow_codes_moved_into_the_tail(seed, image_first, n_codes):
+    """Codes with distinct ids: after the transform (and retrieved docs in front), every code
+    still carries 1 + its index in the original image, everything else 0."""
+    doc = make_document([1, 2, 3], VOCAB.image_id(np.arange(n_codes)), VOCAB, image_first)
+    tokens, weights = cm3_transform(doc, VOCAB, np.random.default_rng(seed),
+                                    CM3Options(mask_rate=3.0, max_spans=8))
+    retrieved = make_document([7], VOCAB.image_id(np.arange(5)), VOCAB, image_first=False)[:-1]
+    tokens, _ = prepend_retrieved(tokens, weights, [retrieved], VOCAB, retrieved_in_loss=True)
+    positions = cm3_code_positions(tokens, VOCAB)
+    is_code = (tokens >= VOCAB.image_offset) & (tokens < VOCAB.special_offset)
+    np.testing.assert_array_equal(positions[~is_code], 0)
+    np.testing.assert_array_equal(positions[:5 + 2][is_code[:7]], np.arange(1, 6))  # the retrieved image
+    query_codes = tokens[len(retrieved) + 1:][is_code[len(retrieved) + 1:]]
+    np.testing.assert_array_equal(positions[len(retrieved) + 1:][is_code[len(retrieved) + 1:]],
+                                  query_codes - VOCAB.image_offset + 1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cm3jax.data import cm3
 from cm3jax.errors import UserError
 from cm3jax.models import transformer
 from cm3jax.models.layers import TransformerConfig
@@ -176,3 +177,24 @@ def test_sampling_config_is_hashable():
     config = SamplingConfig(max_new_tokens=4, guidance_scales=(2.0, 1.5))
     assert hash(config) == hash(dataclasses.replace(config))
     assert config.streams == 3
+
+
+def test_code_positions_in_the_cache_equal_full_forward():
+    """With 2-D code positions (model.image_grid): the decoder gives every code it feeds back
+    the position the full forward pass gives it, from a prompt that is inside an image."""
+    cfg = model_config(image_grid=3)
+    decoder, model = build(cfg)
+    prompt = np.concatenate([[3, 7, VOCAB.break_id], VOCAB.image_id(np.array([1, 2]))]).astype(np.int32)
+    config = SamplingConfig(max_new_tokens=8, greedy=True, image_tokens=9, stop_at_image_end=True)
+    row = decoder([[prompt]], config).rows()[0]
+    assert len(row) == 8 and row[-1] == VOCAB.break_id  # the image's 7 remaining codes, then <break>
+    ids = jnp.asarray(np.concatenate([prompt, row]))[None]
+    code_positions = jnp.asarray(cm3.image_code_positions(np.asarray(ids), VOCAB))
+    np.testing.assert_array_equal(code_positions[0, 3:12], np.arange(1, 10))
+    logits = model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids), code_positions)
+    codes = logits[0, len(prompt) - 1:len(prompt) + 6, VOCAB.image_offset:VOCAB.special_offset]
+    np.testing.assert_array_equal(row[:-1], np.asarray(jnp.argmax(codes, axis=-1)) + VOCAB.image_offset)
+    shifted = model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids), jnp.roll(code_positions, 1, axis=1))
+    assert not np.allclose(shifted, logits, atol=1e-3)  # the positions do reach the logits
+    with pytest.raises(ValueError, match="needs code_positions"):
+        model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids))

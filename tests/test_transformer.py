@@ -336,3 +336,13 @@ def test_gelu_mlp_and_tied_logits_gradients_match_autodiff():
         want = jax.grad(loss(slow), argnums=tuple(range(len(args))))(*args)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_image_grid_adds_sharded_row_and_column_embeddings():
+    cfg = dataclasses.replace(model_config(tiny_config()), image_grid=4)
+    abstract = nnx.split(nnx.eval_shape(lambda: transformer.create(cfg, 0)))[1]
+    shapes = nnx.to_pure_dict(abstract)
+    assert shapes["code_rows"].shape == shapes["code_cols"].shape == (4, cfg.d_model)
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = partitioning.param_shardings(abstract, mesh)
+    assert shardings["code_rows"].spec == PartitionSpec(None, "fsdp")

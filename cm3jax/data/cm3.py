@@ -36,7 +36,8 @@ Rules:
     know where spans were cut; CM3 gives these predictions zero weight) and 1 elsewhere,
     including the tail sentinels, which the model must emit to start each infill.
 
-`cm3_invert` undoes the transform exactly. `prepend_retrieved` builds the
+`cm3_invert` undoes the transform exactly; `cm3_code_positions` gives every image code
+its place in its image even after the transform moved it. `prepend_retrieved` builds the
 retrieval-augmented sequence `r1 <doc> r2 <doc> ... query`.
 """
 
@@ -198,16 +199,15 @@ def cm3_transform(doc, vocab: Vocab, rng: np.random.Generator,
     return tokens, weight
 
 
-def cm3_invert(tokens, vocab: Vocab) -> np.ndarray:
-    """Recovers the original document from `cm3_transform` output (identity if untransformed).
+def _original_order(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Indices into `tokens` (a `cm3_transform` output) listing the original document in order.
 
     Raises ValueError if the sentinels are not `<mask:0..n-1>` twice in order (body then
     tail) or the sequence does not end with `<eos>`.
     """
-    tokens = _as_ids(tokens, vocab, "tokens")
     pos = np.flatnonzero(tokens >= _first_mask(vocab))
     if pos.size == 0:
-        return tokens.copy()
+        return np.arange(len(tokens))
     n = pos.size // 2
     idx = tokens[pos] - _first_mask(vocab)
     expected = np.concatenate([np.arange(n), np.arange(n)])
@@ -216,15 +216,51 @@ def cm3_invert(tokens, vocab: Vocab) -> np.ndarray:
     if tokens[-1] != vocab.eos_id:
         raise ValueError("a transformed sequence must end with <eos>")
     bounds = list(pos[n:]) + [len(tokens) - 1]
-    spans = [tokens[bounds[i] + 1 : bounds[i + 1]] for i in range(n)]
+    spans = [np.arange(bounds[i] + 1, bounds[i + 1]) for i in range(n)]
     if any(len(s) == 0 for s in spans):
         raise ValueError("a tail span is empty")
     out, cursor = [], 0
     for i in range(n):
-        out += [tokens[cursor : pos[i]], spans[i]]
+        out += [np.arange(cursor, pos[i]), spans[i]]
         cursor = pos[i] + 1
-    out += [tokens[cursor : pos[n]], tokens[-1:]]
-    return np.concatenate(out).astype(np.int32)
+    out += [np.arange(cursor, pos[n]), np.array([len(tokens) - 1])]
+    return np.concatenate(out)
+
+
+def cm3_invert(tokens, vocab: Vocab) -> np.ndarray:
+    """Recovers the original document from `cm3_transform` output (identity if untransformed).
+
+    Raises ValueError if the sentinels are not `<mask:0..n-1>` twice in order (body then
+    tail) or the sequence does not end with `<eos>`.
+    """
+    tokens = _as_ids(tokens, vocab, "tokens")
+    return tokens[_original_order(tokens, vocab)].astype(np.int32)
+
+
+def image_code_positions(tokens, vocab: Vocab) -> np.ndarray:
+    """1 + the index of each image code inside its image, 0 for every other token.
+
+    For sequences in reading order (documents, prompts; any leading shape): an image is a
+    run of consecutive codes, so the k-th code of a run gets k.
+    """
+    tokens = np.asarray(tokens)
+    is_code = (tokens >= vocab.image_offset) & (tokens < vocab.special_offset)
+    count = np.cumsum(is_code, axis=-1)
+    run_start = np.maximum.accumulate(np.where(is_code, 0, count), axis=-1)
+    return np.where(is_code, count - run_start, 0).astype(np.int32)
+
+
+def cm3_code_positions(tokens, vocab: Vocab) -> np.ndarray:
+    """`image_code_positions` of the original document, laid out like `tokens`.
+
+    `tokens` is a `cm3_transform` output (possibly after `prepend_retrieved`): a code moved
+    into the tail keeps the position it had in its image; sentinels get 0.
+    """
+    tokens = _as_ids(tokens, vocab, "tokens")
+    order = _original_order(tokens, vocab)
+    positions = np.zeros(len(tokens), np.int32)
+    positions[order] = image_code_positions(tokens[order], vocab)
+    return positions
 
 
 def prepend_retrieved(query_tokens, query_weight, retrieved: list[np.ndarray], vocab: Vocab,

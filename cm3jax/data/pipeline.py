@@ -51,6 +51,17 @@ def check_prepared_vocab(directory: str, vocab: vocab_lib.Vocab) -> None:
     vocab.check_same(vocab_lib.Vocab.load(path), what=f"prepared data in {directory}")
 
 
+def check_image_grid(directory: str, image_grid: int) -> None:
+    """Refuses `model.image_grid` > 0 unless it is the grid of the prepared data's images."""
+    path = os.path.join(directory, "image_tokenizer.json")
+    if image_grid <= 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        grid = int(json.load(f)["grid"])
+    if grid != image_grid:
+        raise UserError(f"config.model.image_grid={image_grid}, but the images of {directory} are {grid}x{grid} codes")
+
+
 def prepared_bad_records(config: ml_collections.ConfigDict) -> int:
     """Records of the train split that prepare could not read (0 for synthetic data)."""
     directory = prepared_dir(config)
@@ -62,7 +73,7 @@ def prepared_bad_records(config: ml_collections.ConfigDict) -> int:
 
 
 class DocumentTransform(grain.transforms.RandomMap):
-    """Token record -> CM3 document `{'tokens', 'weights'}` cut to `max_tokens`."""
+    """Token record -> CM3 document `{'tokens', 'weights', 'code_positions'}` cut to `max_tokens`."""
 
     def __init__(self, vocab: vocab_lib.Vocab, config: ml_collections.ConfigDict, split: str = "train"):
         self.vocab, self.max_tokens = vocab, config.data.seq_len + 1
@@ -85,7 +96,9 @@ class DocumentTransform(grain.transforms.RandomMap):
             retrieved.pop()
         if retrieved:
             tokens, weights = cm3.prepend_retrieved(tokens, weights, retrieved, self.vocab, self.retrieved_in_loss)
-        return {"tokens": tokens[: self.max_tokens], "weights": weights[: self.max_tokens].astype(np.int32)}
+        code_positions = cm3.cm3_code_positions(tokens, self.vocab)  # before the cut: needs the whole tail
+        return {"tokens": tokens[: self.max_tokens], "weights": weights[: self.max_tokens].astype(np.int32),
+                "code_positions": code_positions[: self.max_tokens]}
 
 
 class ToSchema(grain.transforms.Map):
@@ -105,6 +118,7 @@ class ToSchema(grain.transforms.Map):
             "positions": packed["tokens_positions"][:-1],
             "loss_mask": same_document & (packed["weights"][1:] > 0),
             "token_type": self.vocab.token_type(tokens[1:]),
+            "code_positions": packed["code_positions"][:-1],
         }
         return {k: np.asarray(row[k], np.int32) for k in FIELDS}
 
@@ -127,10 +141,10 @@ def _prepared_dataset(config, directory: str, split: str, process_index: int,
     seq_plus_one = config.data.seq_len + 1
     rows = grain.experimental.FirstFitPackIterDataset(
         documents.to_iter_dataset(_read_options(config)),
-        length_struct={"tokens": seq_plus_one, "weights": seq_plus_one},
+        length_struct={"tokens": seq_plus_one, "weights": seq_plus_one, "code_positions": seq_plus_one},
         num_packing_bins=config.data.packing_bins,
         shuffle_bins=False,
-        padding_struct={"tokens": vocab.pad_id, "weights": 0},
+        padding_struct={"tokens": vocab.pad_id, "weights": 0, "code_positions": 0},
     )
     return rows.map(ToSchema(vocab))
 

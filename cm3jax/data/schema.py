@@ -3,7 +3,9 @@
 Fields (all int32, [seq_len] per row): `inputs`, `targets` (inputs shifted by one),
 `segment_ids` (1.. per packed document, 0 = padding), `positions` (restart at 0 in
 each document), `loss_mask` (1 where the target belongs to the same document as the
-input), `token_type` (of the target: TEXT / IMAGE / SPECIAL, see cm3jax.vocab).
+input), `token_type` (of the target: TEXT / IMAGE / SPECIAL, see cm3jax.vocab),
+`code_positions` (of the input: 1 + its index inside its image for an image code, else 0;
+cm3.cm3_code_positions — models with `model.image_grid` embed it).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
+from cm3jax.data.cm3 import image_code_positions
 from cm3jax.vocab import Vocab
 
-FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "token_type")
+FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "token_type", "code_positions")
 
 
 def pack_documents(documents: Sequence[np.ndarray], seq_len: int, vocab: Vocab) -> dict[str, np.ndarray]:
-    """Concatenates documents into one row of `seq_len` (+1 for the shifted targets).
+    """Concatenates documents (in reading order, no CM3 sentinels) into one row of `seq_len`
+    (+1 for the shifted targets).
 
     The last document is truncated; a short row is padded with `<pad>` in segment 0.
     """
@@ -43,4 +47,5 @@ def pack_documents(documents: Sequence[np.ndarray], seq_len: int, vocab: Vocab) 
         "positions": positions[:-1],
         "loss_mask": loss_mask.astype(np.int32),
         "token_type": vocab.token_type(targets),
+        "code_positions": image_code_positions(tokens[:-1], vocab),
     }

@@ -31,6 +31,7 @@ class TransformerConfig:
     activation: str = "gelu"
     position: str = "learned"
     rope_theta: float = 10000.0
+    image_grid: int = 0
     norm: str = "layernorm"
     norm_params: bool = False
     norm_eps: float = 1e-5

@@ -148,6 +148,11 @@ class Transformer(nnx.Module):
             if cfg.position == "learned"
             else None
         )
+        # 2-D positions of image codes (DALL-E's row / column embeddings), off in CM3leon.
+        self.code_rows, self.code_cols = (
+            (make_param(rngs, truncated_normal(cfg.init_std), (cfg.image_grid, cfg.d_model), ("image_grid", "embed"),
+                        cfg) for _ in range(2))
+            if cfg.image_grid > 0 else (None, None))
         self.blocks = _stacked_blocks(cfg, rngs)
         self.final_norm = Norm(cfg, rngs)
         self.lm_head = (
@@ -157,22 +162,26 @@ class Transformer(nnx.Module):
                             ("embed", "vocab"), cfg)
         )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 code_positions: jax.Array | None = None) -> jax.Array:
         """Next-token logits.
 
         Args:
           tokens: [batch, length] int ids.
           positions: [batch, length] position of each token inside its document.
           segment_ids: [batch, length] packed-document ids (0 = padding).
+          code_positions: [batch, length] 1 + an image code's index in its image, 0 for other
+            tokens (cm3.cm3_code_positions); needed when `image_grid` > 0.
 
         Returns:
           [batch, length, vocab_size] logits in float32.
         """
-        x = self._run_blocks(self._embed(tokens, positions), positions, attention_mask(segment_ids))
+        x = self._run_blocks(self._embed(tokens, positions, code_positions), positions, attention_mask(segment_ids))
         return self._logits(x)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: Cache,
-               layers: Sequence[Block] | None = None) -> tuple[jax.Array, Cache]:
+               layers: Sequence[Block] | None = None,
+               code_positions: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """Logits of `tokens` given everything already in `cache`, and the extended cache.
 
         Prefill and each decoding step are both one `extend` call. The layers run unrolled,
@@ -188,11 +197,12 @@ class Transformer(nnx.Module):
           layers: `self.layers()`, taken once outside the loop when `extend` runs in one. XLA
             does not hoist the per-layer weight slices out of a while loop: taken inside, every
             layer's weights are copied on every step.
+          code_positions: as in `__call__`, for `tokens`.
 
         Returns:
           ([batch, length, vocab_size] float32 logits, the cache with these tokens written).
         """
-        x = self._embed(tokens, positions)
+        x = self._embed(tokens, positions, code_positions)
         keys, values = [], []
         layers = self.layers() if layers is None else layers
         for block, key, value in zip(layers, cache.key, cache.value):
@@ -210,11 +220,17 @@ class Transformer(nnx.Module):
         return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], stacked))
                 for i in range(self.cfg.num_layers)]
 
-    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    def _embed(self, tokens: jax.Array, positions: jax.Array, code_positions: jax.Array | None) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)
         x = lookup(self.embed[...].astype(dtype), tokens)
         if self.positions is not None:
             x = x + lookup(self.positions[...].astype(dtype), positions)
+        if self.code_rows is not None:
+            if code_positions is None:
+                raise ValueError("model.image_grid > 0: the model needs code_positions for its inputs")
+            row, col = jnp.divmod(jnp.maximum(code_positions - 1, 0), self.cfg.image_grid)
+            grid = lookup(self.code_rows[...].astype(dtype), row) + lookup(self.code_cols[...].astype(dtype), col)
+            x = x + jnp.where((code_positions > 0)[..., None], grid, 0).astype(dtype)
         return constrain(x, EMBED_NAMES)
 
     def _logits(self, x: jax.Array) -> jax.Array:

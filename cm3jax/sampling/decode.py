@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from cm3jax.data import cm3
 from cm3jax.errors import UserError
 from cm3jax.models.layers import TransformerConfig
 from cm3jax.models.logical import activate
@@ -161,7 +162,8 @@ class Decoder:
                 prompt[s * padded_batch + b, prompt_len - len(ids):] = ids
                 valid[s * padded_batch + b, prompt_len - len(ids):] = True
         finished = np.arange(padded_batch) >= batch
-        tokens, lengths = self._run(prompt, valid, finished, config, seed)
+        code_positions = cm3.image_code_positions(prompt, self.vocab)
+        tokens, lengths = self._run(prompt, valid, code_positions, finished, config, seed)
         return Decoded(np.asarray(tokens)[:batch], np.asarray(lengths)[:batch])
 
     def _check_streams(self, streams: Sequence[Sequence[np.ndarray]], config: SamplingConfig) -> int:
@@ -174,13 +176,14 @@ class Decoder:
             raise UserError("empty prompt: every row needs at least one token")
         return batch
 
-    def _run(self, prompt, valid, finished, config, seed):
+    def _run(self, prompt, valid, code_positions, finished, config, seed):
         fn = _compiled(self.graphdef, self.model_config, self.vocab, config)
         if self.mesh is None:
-            return fn(self.params, prompt, valid, finished, jax.random.key(seed))
+            return fn(self.params, prompt, valid, code_positions, finished, jax.random.key(seed))
         rows = partitioning.batch_sharding(self.mesh)
         with activate(self.mesh, partitioning.LOGICAL_RULES):
             return fn(self.params, jax.device_put(prompt, rows), jax.device_put(valid, rows),
+                      jax.device_put(code_positions, rows),
                       jax.device_put(finished, partitioning.batch_sharding(self.mesh, 1)),
                       jax.random.key(seed))
 
@@ -241,7 +244,7 @@ def next_token_scores(stream_logits: jax.Array, modality: processors.ModalitySta
     return scores
 
 
-def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, vocab, config):
+def _generate(params, prompt, valid, code_positions, finished, key, *, graphdef, model_config, vocab, config):
     model = nnx.merge(graphdef, params)
     rows, prompt_len = prompt.shape
     streams = config.streams
@@ -254,7 +257,7 @@ def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, v
     layers = model.layers()  # the per-layer weights, sliced once outside the loops
     logits, cache = model.extend(prompt, positions,
                                  attention_slots(slot_valid[:, :slots], 0, prompt_len),
-                                 init_cache(model_config, rows, slots), layers)
+                                 init_cache(model_config, rows, slots), layers, code_positions)
     history_mask = jnp.concatenate([valid[:batch], jnp.zeros((batch, new), bool)], axis=1)
     state = dict(
         step=jnp.zeros((), jnp.int32),
@@ -284,9 +287,11 @@ def _generate(params, prompt, valid, finished, key, *, graphdef, model_config, v
         slot = prompt_len + state["step"]
         stops = (token == vocab.eos_id) | (closes_image if config.stop_at_image_end else False)
         feed = jnp.tile(token, streams)[:, None]
+        # The k-th code of an image sits at k: one past the codes already emitted in it.
+        code_position = jnp.where(processors.is_image_code(token, vocab), state["modality"].count + 1, 0)
         logits, cache = model.extend(feed, state["position"][:, None],
                                      attention_slots(slot_valid[:, :slots], state["cache"].index, 1),
-                                     state["cache"], layers)
+                                     state["cache"], layers, jnp.tile(code_position, streams)[:, None])
         return dict(
             step=state["step"] + 1,
             logits=logits[:, -1],

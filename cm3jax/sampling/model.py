@@ -78,13 +78,17 @@ def load_model(workdir: str, step: int | None = None, tensor: int = 1) -> Loaded
     shapes = nnx.to_pure_dict(abstract_state)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     params = runs.restore_arrays(path, {"params": target}, WHAT, "model")["params"]
+    image_tokenizer = load_image_tokenizer(workdir)
+    if cfg.image_grid and cfg.image_grid != image_tokenizer.grid:
+        raise UserError(f"{workdir}: model.image_grid={cfg.image_grid} but its image tokenizer makes "
+                        f"{image_tokenizer.grid}x{image_tokenizer.grid} codes")
     return LoadedModel(
         workdir=workdir,
         step=step,
         config=config,
         vocab=vocab,
         text_tokenizer=TextTokenizer.load(os.path.join(workdir, "tokenizer.model"), vocab),
-        image_tokenizer=load_image_tokenizer(workdir),
+        image_tokenizer=image_tokenizer,
         decoder=Decoder(graphdef, params, cfg, vocab, mesh),
     )
 

@@ -133,7 +133,8 @@ class ModalityState(NamedTuple):
     count: jax.Array  # int32 [batch]: image codes emitted since that <break>
 
 
-def _is_image(ids: jax.Array, vocab: Vocab) -> jax.Array:
+def is_image_code(ids: jax.Array, vocab: Vocab) -> jax.Array:
+    """True where `ids` are image codes."""
     return (ids >= vocab.image_offset) & (ids < vocab.special_offset)
 
 
@@ -146,7 +147,7 @@ def modality_state(prompt: jax.Array, prompt_mask: jax.Array, vocab: Vocab) -> M
     breaks = (prompt == vocab.break_id) & prompt_mask
     total = jnp.sum(breaks, axis=-1, dtype=jnp.int32)
     after_last_break = jnp.cumsum(breaks, axis=-1, dtype=jnp.int32) == total[:, None]
-    codes = jnp.sum(_is_image(prompt, vocab) & prompt_mask & after_last_break, axis=-1, dtype=jnp.int32)
+    codes = jnp.sum(is_image_code(prompt, vocab) & prompt_mask & after_last_break, axis=-1, dtype=jnp.int32)
     in_image = total % 2 == 1
     return ModalityState(in_image, jnp.where(in_image, codes, 0))
 
@@ -161,7 +162,7 @@ def constrain_modality(
     image codes are masked out and everything else (including an opening <break>) is allowed.
     """
     ids = jnp.arange(logits.shape[-1])
-    image = _is_image(ids, vocab)
+    image = is_image_code(ids, vocab)
     in_image = state.in_image[:, None]
     full = (state.count >= image_tokens)[:, None]
     allowed = jnp.where(in_image, jnp.where(full, ids == vocab.break_id, image), ~image)
@@ -171,5 +172,5 @@ def constrain_modality(
 def advance_modality(state: ModalityState, tokens: jax.Array, vocab: Vocab) -> ModalityState:
     """State after emitting `tokens` [batch]: <break> toggles the region, an image code counts."""
     is_break = tokens == vocab.break_id
-    count = jnp.where(is_break, 0, state.count + _is_image(tokens, vocab).astype(jnp.int32))
+    count = jnp.where(is_break, 0, state.count + is_image_code(tokens, vocab).astype(jnp.int32))
     return ModalityState(state.in_image ^ is_break, count)

@@ -32,7 +32,7 @@ SUM_KEYS = ("loss", "text_loss", "image_loss", "tokens", "text_tokens", "image_t
 def loss_sums(params: dict, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, dict]:
     """Summed token losses (total, text, image) and token counts over a batch."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["code_positions"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     image = mask * (batch["token_type"] == IMAGE)

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from cm3jax import config as config_lib
 from cm3jax import vocab as vocab_lib
-from cm3jax.data.pipeline import check_prepared_vocab, prepared_dir
+from cm3jax.data.pipeline import check_image_grid, check_prepared_vocab, prepared_dir
 from cm3jax.data.prepare import prepare
 from cm3jax.models import accounting
 from cm3jax.train import partitioning, tasks
@@ -96,6 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if prepared_dir(config):
         ensure_prepared(config)
         check_prepared_vocab(prepared_dir(config), vocab)
+        if config.task == "lm":
+            check_image_grid(prepared_dir(config), config.model.image_grid)
     os.makedirs(workdir, exist_ok=True)
     write_run_files(workdir, config, vocab)
     checkpointer = Checkpointer(workdir, config.checkpoint)

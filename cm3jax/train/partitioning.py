@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),
     ("max_len", None),
+    ("image_grid", None),
     # VQGAN / LPIPS convolutions and codebooks: at most ~10^8 parameters, replicated; data
     # parallelism carries the scale.
     ("conv_height", None),
