@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end demo a newcomer runs first (about 20 minutes on a 2-core CPU). Each stage is
+# The end-to-end demo a newcomer runs first (about 25 minutes on a 2-core CPU). Each stage is
 # one cm3jax command writing a normal --workdir, so this script is also the tutorial:
 #   1. trains the shapes VQGAN image tokenizer (32x32 scenes -> 16x16 codes) and evaluates
 #      its reconstructions (PSNR, codebook use, shapes-oracle agreement);
@@ -14,7 +14,11 @@
 #   5. prints the loss summary;
 #   6. samples from it: text -> image (retrieval, CFG + contrastive decoding, re-ranked by the
 #      retriever) and image -> text, PNGs and JSON in WORKDIR/lm/samples;
-#   7. shows the CM3leon-350M dry run (parameters, FLOPs, memory).
+#   7. evaluates every stage (`cm3jax.eval --task=all`): shapes-oracle accuracy of text -> image
+#      with/without CFG and retrieval and of image -> text, CIDEr, FID over the retriever's
+#      image features, VQGAN PSNR, retriever recall, stage wall times -> WORKDIR/eval.json and
+#      WORKDIR/report.md (with the picture grids);
+#   8. shows the CM3leon-350M dry run (parameters, FLOPs, memory).
 #
 #   launch/demo.sh [WORKDIR]      (default: demo_run; stages write WORKDIR/vqgan, WORKDIR/data,
 #                                  WORKDIR/retriever, WORKDIR/index and WORKDIR/lm)
@@ -27,8 +31,25 @@ mkdir -p "$root"
 vqgan="$root/vqgan" data="$root/data" retriever="$root/retriever" index="$root/index" lm="$root/lm"
 
 fail() { echo "stage failed; the last lines of $1:"; tail -n 20 "$1"; exit 1; }
+# stage NAME: writes the running stage's wall time into $root/stage_times.json (eval.json and
+# report.md show them) and starts timing NAME ('' to stop timing).
+current="" started=0
+stage() {
+  if [[ -n "$current" ]]; then
+    python - "$root/stage_times.json" "$current" "$((SECONDS - started))" <<'PY'
+import json, os, sys
+path, name, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+times = json.load(open(path)) if os.path.exists(path) else {}
+times[name] = seconds
+with open(path, "w") as f:
+    json.dump(times, f, indent=1)
+PY
+  fi
+  current=$1 started=$SECONDS
+}
 progress() { grep -E "resuming|already trained|step [0-9]+/" "$1" | sed 's/^.*\] //' | tail -n "$2"; }
 
+stage vqgan
 echo "== 1. training the VQGAN image tokenizer into $vqgan (about 8 minutes; progress: $vqgan/train.log)"
 mkdir -p "$vqgan"
 python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir="$vqgan" 2>>"$vqgan/train.log" \
@@ -43,11 +64,13 @@ print(f"   validation: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, codes used
       f"the shapes oracle reads the same scene from {100 * r['oracle_agreement']:.1f}% of reconstructions")
 PY
 
+stage data
 echo "== 2. preparing the shapes benchmark into $data with that tokenizer"
 prepare=(python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir="$data"
          --config.prepare.image_tokenizer="vqgan:$vqgan")
 "${prepare[@]}" 2>"$root/prepare.log" || fail "$root/prepare.log"
 
+stage retrieval
 echo "== 3. training the retriever into $retriever, then the index and neighbours into $index"
 mkdir -p "$retriever"
 python -m cm3jax.train --config=experiments/shapes_retriever.py --workdir="$retriever" \
@@ -67,13 +90,14 @@ rag=(--config.data.source="prepared:$data" --config.retrieval.enabled=True --con
 python -m cm3jax.data.inspect --config=experiments/tiny_lm.py --workdir="$data" --n=1 "${rag[@]}" 2>>"$root/build.log" \
   || fail "$root/build.log"
 
+stage lm
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm" "${rag[@]}" --config.total_steps=120
-       --config.eval_every=60 --config.mesh.fsdp=2 --config.mesh.tensor=2)
+train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm" "${rag[@]}" --config.total_steps=300
+       --config.model.image_grid=16 --config.eval_every=100 --config.mesh.fsdp=2 --config.mesh.tensor=2)
 mkdir -p "$lm"
 log="$lm/train.log"
 if [[ ! -d "$lm/checkpoints" ]]; then
-  echo "== 4. training the tiny LM on retrieval-augmented documents (120 steps); SIGTERM after step 50"
+  echo "== 4. training the tiny LM on retrieval-augmented documents (300 steps, about 10 minutes); SIGTERM after step 50"
   "${train[@]}" 2>>"$log" &
   pid=$!
   until [[ -f "$lm/metrics.jsonl" ]] && (( $(wc -l <"$lm/metrics.jsonl") >= 50 )); do
@@ -83,7 +107,7 @@ if [[ ! -d "$lm/checkpoints" ]]; then
   kill -TERM "$pid"
   wait "$pid" || { echo "pre-empted run did not exit cleanly"; fail "$log"; }
   echo "   saved and exited 0 at step $(ls "$lm/checkpoints" | sort -n | tail -1)"
-  echo "   the same command again resumes from that checkpoint and trains to step 120"
+  echo "   the same command again resumes from that checkpoint and trains to step 300"
 else
   echo "== 4. resuming the tiny LM from its newest checkpoint in $lm"
 fi
@@ -101,6 +125,7 @@ print(f"steps {first['step']}..{last['step']}: loss {first['loss']:.3f} -> {last
       f"eval loss {last.get('eval_loss', float('nan')):.3f}")
 print(f"throughput {last['tokens_per_sec']:.0f} tokens/s, MFU {100 * last['mfu']:.1f}% of the measured CPU matmul peak")
 PY
+stage samples
 echo "== 6. sampling from the LM: text -> image (retrieval, CFG + CD-K, re-ranked) and image -> text"
 samples="$lm/samples"
 python -m cm3jax.sample --workdir="$lm" --task=text2image --prompt="a large red circle in the centre" \
@@ -123,10 +148,25 @@ t2i = json.load(open(f"{sys.argv[1]}/text2image.json"))["results"][0]
 i2t = json.load(open(f"{sys.argv[1]}/image2text.json"))["results"][0]
 print(f"   {t2i['prompt']!r}: {len(t2i['candidates'])} candidates, best {sys.argv[1]}/{t2i['best']} "
       f"({t2i['candidates'][0]['method']}, score {t2i['candidates'][0]['score']:.3f}); retrieved {t2i['retrieved']}")
-print(f"   caption of {i2t['image']}: {i2t['caption']!r}  (a 120-step model: expect rough samples)")
+print(f"   caption of {i2t['image']}: {i2t['caption']!r}  (a 300-step, 0.24M-parameter model: expect rough samples)")
 print(f"   its true caption: {open(i2t['image'].replace('.png', '.txt')).read()!r}")
 PY
-echo "== 7. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
+stage ""
+echo "== 7. evaluating every stage into $root/eval.json and $root/report.md (picture grids linked there)"
+python -m cm3jax.eval --workdir="$root" --task=all --n=1000 --prompts=64 >/dev/null 2>"$root/eval.log" \
+  || fail "$root/eval.log"
+python - "$root/eval.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t2i, i2t = r["text2image"], r["image2text"]
+print(f"   VQGAN PSNR {r['vqgan']['psnr']:.2f} dB, codes used {100 * r['vqgan']['codebook_usage']:.0f}%; "
+      f"retriever recall@1 {r['retrieval']['recall_at_1']:.3f}")
+print(f"   text -> image, oracle accuracy on single objects: {t2i['oracle_accuracy']:.3f} with CFG "
+      f"(without CFG {t2i['oracle_accuracy_no_cfg']:.3f}, without retrieval {t2i['oracle_accuracy_no_retrieval']:.3f}); "
+      f"2-3 objects {t2i['oracle_accuracy_multi']:.3f}; held-out colour/shape pairs {t2i['heldout_oracle_accuracy']:.3f}")
+print(f"   image -> text, oracle accuracy {i2t['oracle_accuracy']:.3f}, CIDEr-D {i2t['cider']:.3f}")
+PY
+echo "== 8. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
 python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run --dry_run_devices=256 2>/dev/null | grep -v '^{'
-echo "demo finished: VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png), data in $data,"
+echo "demo finished: the report is $root/report.md (eval.json beside it); VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png), data in $data,"
 echo "  retriever in $retriever, index + neighbours in $index, LM in $lm (metrics.jsonl, TensorBoard in $lm/tensorboard)"
