@@ -28,7 +28,7 @@ from cm3jax.eval.fid import (
     image_stats,
 )
 from cm3jax.models import dual_encoder as de
-from cm3jax.models import inception
+from cm3jax.models import inception, weight_files
 from cm3jax.retrieval.encoder import RetrievalEncoder
 from cm3jax.tokenizers.palette import PaletteTokenizer
 
@@ -168,7 +168,7 @@ def test_npz_round_trip_and_import_errors(tmp_path, random_inception):
     path = str(tmp_path / "inception.npz")
     inception.save_npz(random_inception, path)
     loaded = inception.load_inception_weights(path)
-    original, restored = inception._variables(random_inception), inception._variables(loaded)
+    original, restored = weight_files.variables_by_name(random_inception), weight_files.variables_by_name(loaded)
     assert list(original) == list(restored) and len(original) == 470
     for name in original:
         np.testing.assert_array_equal(np.asarray(original[name][...]),

@@ -20,7 +20,6 @@ BatchNorm vectors have the axis ('conv_out',).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping
 
@@ -30,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from cm3jax.errors import UserError
+from cm3jax.models import weight_files
 from cm3jax.models.torch_state import read_torch_state_dict
 from cm3jax.models.vqgan import CONV_KERNEL_NAMES
 
@@ -287,12 +287,6 @@ class InceptionV3(nnx.Module):
         return self.activations(images)["pool3"]
 
 
-def _variables(module: InceptionV3) -> dict[str, nnx.Variable]:
-    """The module's weights by storage name, e.g. `Mixed_5b.branch1x1.conv.kernel`."""
-    return {".".join(map(str, path)): value for path, value in nnx.iter_graph(module)
-            if isinstance(value, nnx.Variable)}
-
-
 def _abstract() -> InceptionV3:
     """An InceptionV3 of shape-only weights (nothing computed), to be filled by `_from_arrays`."""
     with nnx.use_eager_sharding(False):
@@ -302,24 +296,14 @@ def _abstract() -> InceptionV3:
 def _from_arrays(arrays: Mapping[str, np.ndarray], source: str) -> InceptionV3:
     """An InceptionV3 holding `arrays` (storage names, HWIO); UserError on a missing or bad one."""
     module = _abstract()
-    variables = _variables(module)
-    missing = [name for name in variables if name not in arrays]
-    if missing:
-        raise UserError(f"{source}: missing InceptionV3 weights {', '.join(missing)}")
-    for name, variable in variables.items():
-        value = np.asarray(arrays[name])
-        if value.shape != tuple(variable.shape):
-            raise UserError(f"{source}: {name} has shape {value.shape}, "
-                            f"InceptionV3 needs {tuple(variable.shape)}")
-        variable.set_value(jnp.asarray(value, jnp.float32))
-    return module
+    return weight_files.fill(module, weight_files.variables_by_name(module), arrays, source, "InceptionV3")
 
 
 def create_inception(seed: int = 0) -> InceptionV3:
     """A random InceptionV3 (He-normal kernels, identity BatchNorm) for tests; numpy-drawn."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name, variable in _variables(_abstract()).items():
+    for name, variable in weight_files.variables_by_name(_abstract()).items():
         shape = tuple(variable.shape)
         if name.endswith("kernel"):
             std = np.sqrt(2.0 / np.prod(shape[:3]), dtype=np.float32)  # He normal, fan in
@@ -333,22 +317,13 @@ def create_inception(seed: int = 0) -> InceptionV3:
 
 def save_npz(module: InceptionV3, path: str) -> None:
     """Stores the weights in an .npz (storage names, HWIO kernels) that `load_npz` reads."""
-    np.savez(path, **{name: np.asarray(v[...]) for name, v in _variables(module).items()})
+    weight_files.save_npz(weight_files.variables_by_name(module), path)
 
 
 def load_npz(path: str) -> InceptionV3:
     """An InceptionV3 from a `save_npz` file (no torch needed); UserError on a bad file."""
-    if not os.path.isfile(path):
-        raise UserError(f"InceptionV3 weights file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable .npz of InceptionV3 weights ({e})") from e
-    unexpected = sorted(set(arrays) - set(_variables(_abstract())))
-    if unexpected:
-        raise UserError(f"{path}: unexpected arrays {', '.join(unexpected)}")
-    return _from_arrays(arrays, path)
+    names = weight_files.variables_by_name(_abstract())
+    return _from_arrays(weight_files.read_npz(path, names, "InceptionV3"), path)
 
 
 def _torch_key(name: str) -> str:
@@ -378,7 +353,7 @@ def load_inception_weights(path: str) -> InceptionV3:
     state = read_torch_state_dict(path, "convert them once elsewhere: load_inception_weights "
                                         "+ save_npz, then pass the .npz")
     expected = {_torch_key(name): (name, _torch_shape(tuple(v.shape)))
-                for name, v in _variables(_abstract()).items()}
+                for name, v in weight_files.variables_by_name(_abstract()).items()}
     unknown = [key for key in state if key not in expected and not _IGNORED_KEYS.match(key)]
     if unknown:
         raise UserError(f"{path}: unexpected keys for the FID InceptionV3: {', '.join(unknown)}")

@@ -17,7 +17,6 @@ logical axis names CONV_KERNEL_NAMES (as the VQGAN), biases ('conv_out',).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping
 
@@ -27,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from cm3jax.errors import UserError
+from cm3jax.models import weight_files
 from cm3jax.models.torch_state import read_torch_state_dict
 from cm3jax.models.vqgan import CONV_KERNEL_NAMES
 
@@ -165,37 +165,17 @@ def _abstract() -> LPIPS:
 def _from_arrays(arrays: Mapping[str, np.ndarray], source: str) -> LPIPS:
     """An LPIPS holding `arrays` (storage names, HWIO); UserError on a missing or misshapen one."""
     module = _abstract()
-    variables = _variables(module)
-    missing = [name for name in variables if name not in arrays]
-    if missing:
-        raise UserError(f"{source}: missing LPIPS weights {', '.join(missing)}")
-    for name, variable in variables.items():
-        value = np.asarray(arrays[name])
-        if value.shape != tuple(variable.shape):
-            raise UserError(f"{source}: {name} has shape {value.shape}, "
-                            f"LPIPS-VGG16 needs {tuple(variable.shape)}")
-        variable.set_value(jnp.asarray(value, jnp.float32))
-    return module
+    return weight_files.fill(module, _variables(module), arrays, source, "LPIPS")
 
 
 def save_npz(module: LPIPS, path: str) -> None:
     """Stores the weights in an .npz (np.savez; HWIO, storage names) that `load_npz` reads."""
-    np.savez(path, **{name: np.asarray(v[...]) for name, v in _variables(module).items()})
+    weight_files.save_npz(_variables(module), path)
 
 
 def load_npz(path: str) -> LPIPS:
     """An LPIPS from a `save_npz` file (no torch needed); UserError on a bad file."""
-    if not os.path.isfile(path):
-        raise UserError(f"LPIPS weights file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable .npz of LPIPS weights ({e})") from e
-    unexpected = sorted(set(arrays) - set(_variables(_abstract())))
-    if unexpected:
-        raise UserError(f"{path}: unexpected arrays {', '.join(unexpected)}")
-    return _from_arrays(arrays, path)
+    return _from_arrays(weight_files.read_npz(path, _variables(_abstract()), "LPIPS"), path)
 
 
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
