@@ -47,7 +47,7 @@ import dataclasses
 
 import numpy as np
 
-from cm3jax.vocab import Vocab
+from cm3jax.vocab import IMAGE, Vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +243,7 @@ def image_code_positions(tokens, vocab: Vocab) -> np.ndarray:
     For sequences in reading order (documents, prompts; any leading shape): an image is a
     run of consecutive codes, so the k-th code of a run gets k.
     """
-    tokens = np.asarray(tokens)
-    is_code = (tokens >= vocab.image_offset) & (tokens < vocab.special_offset)
+    is_code = vocab.token_type(np.asarray(tokens)) == IMAGE
     count = np.cumsum(is_code, axis=-1)
     run_start = np.maximum.accumulate(np.where(is_code, 0, count), axis=-1)
     return np.where(is_code, count - run_start, 0).astype(np.int32)
