@@ -135,8 +135,8 @@ SHAPES_VQGAN_CODES = 512  # its codebook size
 def use_shapes_benchmark(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Vocab and prepare settings of the shapes benchmark, shared by its prepare and train configs.
 
-    32x32 scenes, tokenized by the f2 VQGAN of experiments/shapes_vqgan.py into 16x16 = 256
-    codes (CM3leon's 256x256 images are 32x32 codes of an f8 VQGAN). The text BPE gets up to
+    48x48 scenes, tokenized by the f8 VQGAN of experiments/shapes_vqgan.py into 6x6 = 36 codes,
+    four per object cell (CM3leon's 256x256 images are 32x32 codes of an f8 VQGAN). The text BPE gets up to
     512 pieces. For tests, `prepare.image_tokenizer='palette'` with `vocab.image_codes=16`
     quantises pixels to the shapes palette instead (exact, no trained model needed).
     """
@@ -145,10 +145,10 @@ def use_shapes_benchmark(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
     c.vocab.num_masks = 8  # CM3 sentinels
     c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})
     c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})
-    c.prepare.resolution = 32  # shapes render size
+    c.prepare.resolution = 48  # shapes render size: 16 px grid cells, 2x2 codes each
     c.prepare.image_tokenizer = f"vqgan:{SHAPES_VQGAN_WORKDIR}"  # trained by experiments/shapes_vqgan.py
     c.prepare.palette = "shapes"  # used only with image_tokenizer='palette'
-    c.prepare.downsample = 2  # palette codes per side: 16x16, as the VQGAN
+    c.prepare.downsample = 8  # palette pixels per code side: 6x6 codes, as the VQGAN (one colour per block)
     return c
 
 

@@ -3,7 +3,7 @@
     python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir=workdirs/shapes_vqgan
     python -m cm3jax.data.prepare --config=experiments/shapes_data.py --workdir=workdirs/shapes_data
 
-Images become 256 codes of the shapes VQGAN (`--config.prepare.image_tokenizer=vqgan:DIR`
+Images become 36 codes of the shapes VQGAN (`--config.prepare.image_tokenizer=vqgan:DIR`
 to use one trained elsewhere).
 
 Then train on it with experiments/tiny_lm.py (same vocab).

@@ -12,7 +12,7 @@ from cm3jax.models.dual_encoder import base_dual_encoder_config
 
 
 def get_config():
-    """Two 2-layer, width-64 towers; the image tower reads the 16x16 code grid."""
+    """Two 2-layer, width-64 towers; the image tower reads the 6x6 code grid."""
     c = use_shapes_benchmark(base_config())
     c.task = "retriever"
     c.total_steps = 400  # a few minutes on a 2-core CPU
@@ -29,8 +29,8 @@ def get_config():
     c.retriever.text_heads = 4
     c.retriever.text_mlp_dim = 256
     c.retriever.vision_input = "codes"  # the prepared VQGAN codes, no pixels decoded
-    c.retriever.code_grid = 16  # the shapes VQGAN's grid
-    c.retriever.code_patch = 2  # 2x2 codes per token: 64 image tokens (attention cost / 16)
+    c.retriever.code_grid = 6  # the shapes VQGAN's grid
+    c.retriever.code_patch = 1  # one image token per code: 36 tokens
     c.retriever.codebook_size = c.vocab.image_codes
     c.retriever.vision_width = 64
     c.retriever.vision_layers = 2

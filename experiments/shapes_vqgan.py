@@ -1,4 +1,4 @@
-"""VQGAN image tokenizer for the shapes benchmark: 32x32 images -> 16x16 codes, CPU-sized (~8 min).
+"""VQGAN image tokenizer for the shapes benchmark: 48x48 images -> 6x6 codes, CPU-sized (~9 min).
 
     python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir=workdirs/shapes_vqgan
 
@@ -12,7 +12,7 @@ from cm3jax.train.vqgan import base_vqgan_train_config
 
 
 def get_config():
-    """A small f2 VQGAN with a patch encoder, a 512-code EMA codebook and dead-code restarts."""
+    """A small f8 VQGAN (CM3leon's factor) with a patch encoder, a 512-code EMA codebook and dead-code restarts."""
     c = use_shapes_benchmark(base_config())
     c.task = "vqgan"
     c.total_steps = 1500  # minutes on a 2-core CPU
@@ -21,16 +21,16 @@ def get_config():
     c.eval_steps = 4  # validation batches
 
     c.vqgan = base_vqgan_config()
-    c.vqgan.resolution = 32  # shapes render size
+    c.vqgan.resolution = 48  # shapes render size: 16 px grid cells
     c.vqgan.base_channels = 16  # first-level channels
-    c.vqgan.channel_multipliers = (1, 2)  # downsample 2: 16x16 = 256 codes per image
+    c.vqgan.channel_multipliers = (1, 2, 2, 2)  # downsample 8: 6x6 = 36 codes, 2x2 per grid cell
     c.vqgan.num_res_blocks = 1  # per level
-    c.vqgan.attention = False  # no attention needed at 16x16 for flat-coloured shapes
-    # Each code sees only its own 2x2 patch: the same patch is always the same code, so the
-    # background is one code and the LM's image stream is simple (taming encoder: codes
-    # depend on everything within ~35 px, the whole 32 px scene; the LM's image loss
-    # stays ~6x higher). The scenes hold 131 distinct 2x2 patches, so ~26% of the codes
-    # are used; reconstructions are better than with the taming encoder (docs/benchmarks.md).
+    c.vqgan.attention = False  # no attention needed at 6x6 for flat-coloured shapes
+    # Each code sees only its own 8x8 patch, a quarter of one grid cell: the same patch is
+    # always the same code, so the background is one code and an object is 2x2 codes that do
+    # not depend on its neighbours (taming encoder: codes depend on the whole scene and the
+    # LM's image loss stays ~6x higher). Training scenes hold 369 distinct 8x8 patches
+    # (an object's quarter x colour), ~70% of the codes (docs/benchmarks.md).
     c.vqgan.encoder = "patch"
     c.vqgan.norm_groups = 4  # GroupNorm groups
     c.vqgan.embed_dim = 16  # latent channels
@@ -38,7 +38,7 @@ def get_config():
     c.vqgan.ema = True  # EMA codebook (VQ-VAE-2): 98% of codes in use by step 450
     c.vqgan.dead_code_threshold = 0.01  # restart codes unused in recent batches
     c.vqgan.disc_channels = 32  # patch discriminator width
-    c.vqgan.disc_layers = 2  # 32 -> 6x6 logit map
+    c.vqgan.disc_layers = 2  # 48 -> 10x10 logit map
 
     c.vqgan_train = base_vqgan_train_config()
     c.vqgan_train.l2_weight = 1.0  # L1 + L2: flat colours reward exact pixel values

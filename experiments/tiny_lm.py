@@ -22,23 +22,30 @@ from cm3jax.config import base_config, use_shapes_benchmark
 
 
 def get_config():
-    """2-layer, d=64 CM3leon-style decoder over 16x16-code shapes scenes; seconds per step on a CPU."""
+    """2-layer, d=64 CM3leon-style decoder over 6x6-code shapes scenes; a fraction of a second per step on a CPU."""
     c = use_shapes_benchmark(base_config())
     c.total_steps = 200  # a few hundred steps show the loss falling well below log(vocab)
     c.log_every = 10  # progress line every 10 steps
     c.eval_every = 100  # eval loss twice per default run
     c.eval_steps = 2  # eval batches per pass
 
-    c.model.max_len = 1024  # position table: a few 256-code scenes with captions and CM3 sentinels
+    c.model.max_len = 512  # longest row: a document and its two neighbours is ~60-200 tokens
     c.model.num_layers = 2  # blocks
     c.model.d_model = 64  # width
     c.model.num_heads = 4  # heads of 16
+    # Small-model init and RoPE: CM3leon's init (std 0.006, zero-initialised residual
+    # outputs) is sized for d=4096; at d=64 it leaves attention uniform for hundreds of steps
+    # and the LM reads only the position words of a caption, never its colours or shapes
+    # (docs/benchmarks.md, "48x48 scenes at f=8, small-model init").
+    c.model.position = "rope"  # relative positions: "the colour word 5 tokens back" is one pattern
+    c.model.init_std = 0.02  # GPT-2's init for small widths
+    c.model.zero_init_output = False
     c.model.dtype = "float32"  # CPU: f32 compute is faster than emulated bf16
     c.model.remat_policy = "none"  # tiny: no memory pressure
 
     c.data.source = "prepared:workdirs/shapes_data"  # written by experiments/shapes_data.py
     c.data.prepare_if_missing = True  # prepares the shapes set (~1 min) on first use
-    c.data.seq_len = 1024  # tokens per packed row
+    c.data.seq_len = 512  # tokens per packed row
     c.data.global_batch_size = 8  # rows per step (divisible by 8 devices)
 
     c.retrieval.encoder = "workdirs/shapes_retriever"  # experiments/shapes_retriever.py

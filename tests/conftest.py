@@ -33,9 +33,10 @@ SYNTHETIC_OVERRIDES = {
 }
 
 # The shapes benchmark tokenizes images with a trained VQGAN; tests that prepare shapes data
-# use the exact palette quantiser at the same 16x16 codes per image instead.
+# use the exact palette quantiser instead, on 32x32 scenes at 16x16 codes per image.
 PALETTE_OVERRIDES = {
     "prepare.image_tokenizer": "palette",
+    "prepare.resolution": 32,
     "prepare.downsample": 2,
     "vocab.image_codes": 16,
 }
@@ -47,6 +48,7 @@ PALETTE_FLAGS = tuple(f"--config.{key}={value}" for key, value in PALETTE_OVERRI
 TINY_RETRIEVER_OVERRIDES = {
     **PALETTE_OVERRIDES,
     "retriever.codebook_size": 16,  # = vocab.image_codes of the palette tokenizer
+    "retriever.code_grid": 16,
     "retriever.code_patch": 2,
     "retriever.text_layers": 1,
     "retriever.vision_layers": 1,
@@ -64,6 +66,14 @@ TINY_RETRIEVER_OVERRIDES = {
 }
 
 # Architecture switches of the Chameleon-style ("modern") variant.
+# experiments/tiny_lm.py uses RoPE and a small-model init; tests of the CM3leon
+# architecture itself put the paper's choices back.
+CM3LEON_OVERRIDES = {
+    "model.position": "learned",
+    "model.init_std": 0.006,
+    "model.zero_init_output": True,
+}
+
 MODERN_OVERRIDES = {
     "model.activation": "swiglu",
     "model.position": "rope",
