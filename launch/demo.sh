@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end demo a newcomer runs first (about 25 minutes on a 2-core CPU). Each stage is
 # one cm3jax command writing a normal --workdir, so this script is also the tutorial:
-#   1. trains the shapes VQGAN image tokenizer (32x32 scenes -> 16x16 codes) and evaluates
+#   1. trains the shapes VQGAN image tokenizer (48x48 scenes -> 6x6 codes, f8) and evaluates
 #      its reconstructions (PSNR, codebook use, shapes-oracle agreement);
 #   2. prepares the shapes benchmark with it: BPE text tokenizer + VQGAN image codes, 20k
 #      caption/image documents in ArrayRecord shards;
@@ -50,7 +50,7 @@ PY
 progress() { grep -E "resuming|already trained|step [0-9]+/" "$1" | sed 's/^.*\] //' | tail -n "$2"; }
 
 stage vqgan
-echo "== 1. training the VQGAN image tokenizer into $vqgan (about 8 minutes; progress: $vqgan/train.log)"
+echo "== 1. training the VQGAN image tokenizer into $vqgan (about 9 minutes; progress: $vqgan/train.log)"
 mkdir -p "$vqgan"
 python -m cm3jax.train --config=experiments/shapes_vqgan.py --workdir="$vqgan" 2>>"$vqgan/train.log" \
   || fail "$vqgan/train.log"
@@ -92,12 +92,12 @@ python -m cm3jax.data.inspect --config=experiments/tiny_lm.py --workdir="$data" 
 
 stage lm
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm" "${rag[@]}" --config.total_steps=300
-       --config.model.image_grid=16 --config.eval_every=100 --config.mesh.fsdp=2 --config.mesh.tensor=2)
+train=(python -m cm3jax.train --config=experiments/tiny_lm.py --workdir="$lm" "${rag[@]}" --config.total_steps=1800
+       --config.model.image_grid=6 --config.eval_every=600 --config.checkpoint.every_steps=100 --config.mesh.fsdp=2 --config.mesh.tensor=2)
 mkdir -p "$lm"
 log="$lm/train.log"
 if [[ ! -d "$lm/checkpoints" ]]; then
-  echo "== 4. training the tiny LM on retrieval-augmented documents (300 steps, about 10 minutes); SIGTERM after step 50"
+  echo "== 4. training the tiny LM on retrieval-augmented documents (1800 steps, about 11 minutes); SIGTERM after step 50"
   "${train[@]}" 2>>"$log" &
   pid=$!
   until [[ -f "$lm/metrics.jsonl" ]] && (( $(wc -l <"$lm/metrics.jsonl") >= 50 )); do
@@ -107,7 +107,7 @@ if [[ ! -d "$lm/checkpoints" ]]; then
   kill -TERM "$pid"
   wait "$pid" || { echo "pre-empted run did not exit cleanly"; fail "$log"; }
   echo "   saved and exited 0 at step $(ls "$lm/checkpoints" | sort -n | tail -1)"
-  echo "   the same command again resumes from that checkpoint and trains to step 300"
+  echo "   the same command again resumes from that checkpoint and trains to step 1800"
 else
   echo "== 4. resuming the tiny LM from its newest checkpoint in $lm"
 fi
@@ -148,12 +148,12 @@ t2i = json.load(open(f"{sys.argv[1]}/text2image.json"))["results"][0]
 i2t = json.load(open(f"{sys.argv[1]}/image2text.json"))["results"][0]
 print(f"   {t2i['prompt']!r}: {len(t2i['candidates'])} candidates, best {sys.argv[1]}/{t2i['best']} "
       f"({t2i['candidates'][0]['method']}, score {t2i['candidates'][0]['score']:.3f}); retrieved {t2i['retrieved']}")
-print(f"   caption of {i2t['image']}: {i2t['caption']!r}  (a 300-step, 0.24M-parameter model: expect rough samples)")
+print(f"   caption of {i2t['image']}: {i2t['caption']!r}  (an 1800-step, 0.24M-parameter model)")
 print(f"   its true caption: {open(i2t['image'].replace('.png', '.txt')).read()!r}")
 PY
 stage ""
 echo "== 7. evaluating every stage into $root/eval.json and $root/report.md (picture grids linked there)"
-python -m cm3jax.eval --workdir="$root" --task=all --n=1000 --prompts=64 >/dev/null 2>"$root/eval.log" \
+python -m cm3jax.eval --workdir="$root" --task=all --n=1000 --prompts=64 --guidance=2 >/dev/null 2>"$root/eval.log" \
   || fail "$root/eval.log"
 python - "$root/eval.json" <<'PY'
 import json, sys
