@@ -37,6 +37,8 @@ SYNTHETIC_OVERRIDES = {
 PALETTE_OVERRIDES = {
     "prepare.image_tokenizer": "palette",
     "prepare.resolution": 32,
+    "data.seq_len": 1024,  # 256-code scenes: a document and its two neighbours fit a row
+    "model.max_len": 1024,
     "prepare.downsample": 2,
     "vocab.image_codes": 16,
 }
@@ -66,8 +68,8 @@ TINY_RETRIEVER_OVERRIDES = {
 }
 
 # Architecture switches of the Chameleon-style ("modern") variant.
-# experiments/tiny_lm.py uses RoPE and a small-model init; tests of the CM3leon
-# architecture itself put the paper's choices back.
+# experiments/tiny_lm.py uses RoPE and a small-model init; `tiny_config` puts CM3leon's
+# choices back, so unit tests exercise the paper's architecture unless they override it.
 CM3LEON_OVERRIDES = {
     "model.position": "learned",
     "model.init_std": 0.006,
@@ -110,7 +112,8 @@ def tiny_config(overrides: dict | None = None, **kwargs):
 
     `tiny_config({"mesh.fsdp": 2})` or `tiny_config(seed=3)` (top-level keys only as kwargs).
     """
-    return experiment_config("tiny_lm", {**SYNTHETIC_OVERRIDES, **(overrides or {}), **kwargs})
+    return experiment_config("tiny_lm", {**SYNTHETIC_OVERRIDES, **CM3LEON_OVERRIDES, **(overrides or {}),
+                                         **kwargs})
 
 
 @pytest.fixture(name="tiny_config")
@@ -159,7 +162,8 @@ def sample_world(tmp_path_factory):
                  "retrieval.neighbours": index, "retrieval.chunk_docs": 60}
     build_lib.build(experiment_config("tiny_lm", retrieval), index)
     lm = str(root / "lm")
-    train(experiment_config("tiny_lm", {**retrieval, "retrieval.enabled": True, "total_steps": SAMPLE_WORLD_LM_STEPS,
+    train(experiment_config("tiny_lm", {**retrieval, **CM3LEON_OVERRIDES, "retrieval.enabled": True,
+                                        "total_steps": SAMPLE_WORLD_LM_STEPS,
                                         "checkpoint.every_steps": SAMPLE_WORLD_LM_STEPS, "eval_every": 0,
                                         "log_every": SAMPLE_WORLD_LM_STEPS}), lm)
     return {"data": data, "retriever": retriever, "index": index, "lm": lm}

@@ -40,8 +40,8 @@ def _assert_names(error: ConfigError, field: str) -> None:
         ({"task": "classification"}, "task"),
         ({"mesh.data": 1, "mesh.tensor": 8}, "model.num_heads"),  # 4 heads
         ({"model.num_heads": 3}, "model.num_heads"),  # does not divide d_model=64
-        ({"mesh.data": 1, "mesh.fsdp": -1, "model.d_model": 36, "model.num_heads": 4,
-          "model.position": "learned"}, "model.d_model"),  # RoPE would refuse head_dim 9 first
+        ({"mesh.data": 1, "mesh.fsdp": -1, "model.d_model": 36, "model.num_heads": 4},
+         "model.d_model"),
         ({"model.activation": "relu"}, "model.activation"),
         ({"model.remat_policy": "everything"}, "model.remat_policy"),
         ({"model.num_layers": 0}, "model.num_layers"),

@@ -32,6 +32,8 @@ STEPS = 40
 TINY = {
     **PALETTE_OVERRIDES,
     "retriever.codebook_size": 16,  # = vocab.image_codes of the palette tokenizer
+    "retriever.code_grid": 16,  # the palette's 16x16 codes per 32x32 scene
+    "retriever.code_patch": 2,
     "data.global_batch_size": BATCH,
     "total_steps": STEPS,
     "optim.schedule_steps": STEPS,

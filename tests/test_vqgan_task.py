@@ -17,6 +17,7 @@ from cm3jax.train import partitioning, tasks
 
 VQGAN_EXPERIMENT = str(REPO_ROOT / "experiments" / "shapes_vqgan.py")
 TINY = {
+    "vqgan.resolution": 32, "prepare.resolution": 32, "vqgan.channel_multipliers": (1, 2),  # 16x16 codes
     "vqgan.base_channels": 8, "vqgan.embed_dim": 8, "vqgan.codebook_size": 32, "vqgan.code_dim": 4,
     "vqgan.norm_groups": 4, "vqgan.disc_channels": 8, "vqgan.disc_layers": 1,
     "vqgan_train.disc_start": 2, "vqgan_train.restart_every": 2,
