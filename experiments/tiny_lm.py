@@ -37,7 +37,7 @@ def get_config():
     # outputs) is sized for d=4096; at d=64 it leaves attention uniform for hundreds of steps
     # and the LM reads only the position words of a caption, never its colours or shapes
     # (docs/benchmarks.md, "48x48 scenes at f=8, small-model init").
-    c.model.position = "rope"  # relative positions: "the colour word 5 tokens back" is one pattern
+    c.model.position = "rope"  # measured together with the init below (alone it changed nothing)
     c.model.init_std = 0.02  # GPT-2's init for small widths
     c.model.zero_init_output = False
     c.model.dtype = "float32"  # CPU: f32 compute is faster than emulated bf16

@@ -44,14 +44,19 @@ PALETTE_OVERRIDES = {
 }
 PALETTE_FLAGS = tuple(f"--config.{key}={value}" for key, value in PALETTE_OVERRIDES.items())
 
-# A 1-layer, width-32 version of experiments/shapes_retriever.py over palette-tokenized data:
-# tests need a real retriever workdir (config, checkpoints), not a good one. Callers add
-# total_steps / checkpoint.every_steps.
-TINY_RETRIEVER_OVERRIDES = {
+# experiments/shapes_retriever.py's image tower over the palette codes (16x16, 16 codes).
+PALETTE_RETRIEVER_OVERRIDES = {
     **PALETTE_OVERRIDES,
     "retriever.codebook_size": 16,  # = vocab.image_codes of the palette tokenizer
     "retriever.code_grid": 16,
     "retriever.code_patch": 2,
+}
+
+# A 1-layer, width-32 version of experiments/shapes_retriever.py over palette-tokenized data:
+# tests need a real retriever workdir (config, checkpoints), not a good one. Callers add
+# total_steps / checkpoint.every_steps.
+TINY_RETRIEVER_OVERRIDES = {
+    **PALETTE_RETRIEVER_OVERRIDES,
     "retriever.text_layers": 1,
     "retriever.vision_layers": 1,
     "retriever.text_width": 32,
@@ -67,7 +72,6 @@ TINY_RETRIEVER_OVERRIDES = {
     "eval_every": 0,
 }
 
-# Architecture switches of the Chameleon-style ("modern") variant.
 # experiments/tiny_lm.py uses RoPE and a small-model init; `tiny_config` puts CM3leon's
 # choices back, so unit tests exercise the paper's architecture unless they override it.
 CM3LEON_OVERRIDES = {
@@ -76,6 +80,7 @@ CM3LEON_OVERRIDES = {
     "model.zero_init_output": True,
 }
 
+# Architecture switches of the Chameleon-style ("modern") variant.
 MODERN_OVERRIDES = {
     "model.activation": "swiglu",
     "model.position": "rope",
@@ -162,6 +167,7 @@ def sample_world(tmp_path_factory):
                  "retrieval.neighbours": index, "retrieval.chunk_docs": 60}
     build_lib.build(experiment_config("tiny_lm", retrieval), index)
     lm = str(root / "lm")
+    # Learned positions: the sampler tests check the context bound they set.
     train(experiment_config("tiny_lm", {**retrieval, **CM3LEON_OVERRIDES, "retrieval.enabled": True,
                                         "total_steps": SAMPLE_WORLD_LM_STEPS,
                                         "checkpoint.every_steps": SAMPLE_WORLD_LM_STEPS, "eval_every": 0,

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import train_cli as cli
-from conftest import PALETTE_OVERRIDES, REPO_ROOT, experiment_config, prepare_palette_shapes
+from conftest import PALETTE_RETRIEVER_OVERRIDES, REPO_ROOT, experiment_config, prepare_palette_shapes
 from cm3jax.config import validate
 from cm3jax.errors import ConfigError
 from cm3jax.train import partitioning, tasks
@@ -30,10 +30,7 @@ STEPS = 40
 # step on a data=2 x fsdp=2 x tensor=2 mesh; eval (both validation batches) and a checkpoint
 # every 20 steps. The LR schedule is pinned to STEPS so a shorter run is a prefix of a longer one.
 TINY = {
-    **PALETTE_OVERRIDES,
-    "retriever.codebook_size": 16,  # = vocab.image_codes of the palette tokenizer
-    "retriever.code_grid": 16,  # the palette's 16x16 codes per 32x32 scene
-    "retriever.code_patch": 2,
+    **PALETTE_RETRIEVER_OVERRIDES,
     "data.global_batch_size": BATCH,
     "total_steps": STEPS,
     "optim.schedule_steps": STEPS,
