@@ -9,7 +9,7 @@ Turns an LM checkpoint into images and captions; writes into --out (default DIR/
   image2text --image PATH [--image ...] [--retrieve=k]     captions -> image2text.json
   edit --image PATH --prompt "make the circle blue" [--guidance=3] [--image_guidance=1.5]
       edit_<i>.png and edit.json
-  generate --prompt "..."      free interleaved text/images: generate_<i>.json (+ PNGs)
+  generate --prompt "..."      free interleaved text/images: generate.json (+ generate_<i>_<j>.png)
 
 A missing checkpoint, tokenizer or index, an unreadable image or a prompt longer than the
 model's context is one `error:` line and exit code 2.

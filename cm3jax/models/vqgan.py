@@ -2,10 +2,11 @@
 
 Images are NHWC floats in [-1, 1] of the configured resolution. The encoder (taming's
 `Encoder`, no double_z) downsamples by 2 ** (len(channel_multipliers) - 1) with residual
-blocks, stride-2 convolutions and attention at the lowest resolution; `encoder='patch'`
-instead embeds each f x f patch on its own (`PatchEncoder`: codes are local); `quant_conv` maps to
-the `embed_dim` latent the quantiser (cm3jax/models/quantizer.py) turns into int32 codes;
-`post_quant_conv` and the decoder map codes back to images (no tanh, like taming).
+blocks, stride-2 convolutions and attention at the lowest resolution (`level_attention=False`:
+only in the mid block, as Chameleon); `encoder='patch'` instead embeds each f x f patch on its
+own (`PatchEncoder`: codes are local); `quant_conv` maps to the `embed_dim` latent the quantiser
+(cm3jax/models/quantizer.py) turns into int32 codes; `post_quant_conv` and the decoder map
+codes back to images (no tanh, like taming).
 
 Conv kernels are (kh, kw, in, out) with logical axis names CONV_KERNEL_NAMES, biases
 ('conv_out',), GroupNorm scale / bias ('norm',); cm3jax/train/partitioning.py maps them.
@@ -39,6 +40,7 @@ def base_vqgan_config() -> ml_collections.ConfigDict:
     c.channel_multipliers = (1, 2, 2, 4)  # per level; downsample = 2 ** (levels - 1)
     c.num_res_blocks = 2  # residual blocks per level (decoder: one more)
     c.attention = True  # self-attention at the lowest resolution and in the mid block
+    c.level_attention = True  # also after each lowest-level resnet block (False: mid only)
     c.encoder = "taming"  # 'taming' (3x3 convs, GroupNorm) or 'patch' (each code sees only its f x f patch)
     c.norm_groups = 32  # GroupNorm groups (gcd with the channel count)
     c.embed_dim = 256  # latent channels (quantiser input / decoder input)
@@ -70,6 +72,7 @@ class VQGANConfig:
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
     attention: bool = True
+    level_attention: bool = True
     encoder: str = "taming"
     norm_groups: int = 32
     embed_dim: int = 256
@@ -114,6 +117,11 @@ class VQGANConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)
+
+    def attends(self, level: int) -> bool:
+        """Whether each resnet block of `level` (0 = full resolution) is followed by attention."""
+        lowest = level == len(self.channel_multipliers) - 1
+        return self.attention and self.level_attention and lowest
 
     @property
     def lookup_dim(self) -> int:
@@ -276,7 +284,7 @@ class Encoder(nnx.Module):
         blocks, channels = [], ch
         for level, mult in enumerate(cfg.channel_multipliers):
             stage, channels = _resnet_stage(cfg, rngs, channels, ch * mult, cfg.num_res_blocks,
-                                            attend=cfg.attention and level == levels - 1)
+                                            cfg.attends(level))
             blocks += stage
             if level != levels - 1:
                 blocks.append(Downsample(cfg, rngs, channels))
@@ -325,7 +333,7 @@ class Decoder(nnx.Module):
         blocks = []
         for level in reversed(range(levels)):
             stage, channels = _resnet_stage(cfg, rngs, channels, ch * cfg.channel_multipliers[level],
-                                            cfg.num_res_blocks + 1, attend=cfg.attention and level == levels - 1)
+                                            cfg.num_res_blocks + 1, cfg.attends(level))
             blocks += stage
             if level != 0:
                 blocks.append(Upsample(cfg, rngs, channels))

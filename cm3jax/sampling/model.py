@@ -21,7 +21,8 @@ from cm3jax.config import MESH_AXES, mesh_shape
 from cm3jax.errors import UserError
 from cm3jax.sampling.decode import Decoder
 from cm3jax.tokenizers.image import load_image_tokenizer
-from cm3jax.tokenizers.text import TextTokenizer
+from cm3jax.tokenizers.hf_text import HFTextTokenizer
+from cm3jax.tokenizers.text import TextTokenizer, load_text_tokenizer
 from cm3jax.train import partitioning
 from cm3jax.train.state import abstract_params, model_config
 from cm3jax.vocab import Vocab
@@ -37,7 +38,7 @@ class LoadedModel:
     step: int
     config: ml_collections.ConfigDict  # the run's training config
     vocab: Vocab
-    text_tokenizer: TextTokenizer
+    text_tokenizer: TextTokenizer | HFTextTokenizer
     image_tokenizer: object  # VQGANTokenizer or PaletteTokenizer: encode/decode/grid/resolution
     decoder: Decoder
 
@@ -62,10 +63,13 @@ def load_model(workdir: str, step: int | None = None, tensor: int = 1) -> Loaded
     config = ml_collections.ConfigDict(runs.read_config(workdir, WHAT))
     if config.get("task", "lm") != "lm":
         raise UserError(f"{workdir} is a '{config.task}' run, not an LM (config.task='lm')")
-    for name in ("vocab.json", "tokenizer.model", "image_tokenizer.json"):
+    for name in ("vocab.json", "image_tokenizer.json"):
         if not os.path.isfile(os.path.join(workdir, name)):
             raise UserError(f"{os.path.join(workdir, name)} is missing: the LM workdir needs the "
                             "vocab and tokenizers its trainer copies there")
+    if not any(os.path.isfile(os.path.join(workdir, name)) for name in ("tokenizer.model", "tokenizer.json")):
+        raise UserError(f"{os.path.join(workdir, 'tokenizer.model')} is missing: the LM workdir needs the "
+                        "text tokenizer its trainer copies there (or a converted checkpoint's tokenizer.json)")
     vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
     step, path = runs.state_path(workdir, step, WHAT)
     cfg = model_config(config)
@@ -87,7 +91,7 @@ def load_model(workdir: str, step: int | None = None, tensor: int = 1) -> Loaded
         step=step,
         config=config,
         vocab=vocab,
-        text_tokenizer=TextTokenizer.load(os.path.join(workdir, "tokenizer.model"), vocab),
+        text_tokenizer=load_text_tokenizer(workdir, vocab),
         image_tokenizer=image_tokenizer,
         decoder=Decoder(graphdef, params, cfg, vocab, mesh),
     )

@@ -51,15 +51,19 @@ def read_vqgan_config(workdir: str) -> VQGANConfig:
     return VQGANConfig(**{k: v for k, v in section.items() if k in fields})
 
 
+def abstract_vqgan(cfg: VQGANConfig) -> VQGAN:
+    """A VQGAN of `cfg` holding shapes only (`nnx.eval_shape`: nothing initialised)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: VQGAN(cfg, rngs=nnx.Rngs(params=0)))
+
+
 def restore_generator(state_path: str, cfg: VQGANConfig) -> VQGAN:
     """A VQGAN holding `params['generator']` and `stats` of an Orbax train-state directory.
 
     The model is built with `nnx.eval_shape` (nothing initialised); Orbax reads only those
     arrays (`runs.restore_arrays`) onto the first local device.
     """
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: VQGAN(cfg, rngs=nnx.Rngs(params=0)))
-    graphdef, params, stats = nnx.split(abstract, nnx.Param, CodebookStats)
+    graphdef, params, stats = nnx.split(abstract_vqgan(cfg), nnx.Param, CodebookStats)
     item = {"params": {"generator": runs.on_first_device(nnx.to_pure_dict(params))},
             "stats": runs.on_first_device(nnx.to_pure_dict(stats))}
     restored = runs.restore_arrays(state_path, item, "VQGAN generator", "vqgan")

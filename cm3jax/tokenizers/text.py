@@ -16,6 +16,7 @@ import numpy as np
 import sentencepiece as spm
 
 from cm3jax.errors import UserError
+from cm3jax.tokenizers.hf_text import TOKENIZER_FILE, HFTextTokenizer
 from cm3jax.vocab import Vocab
 
 # SentencePiece needs the 256 byte pieces plus <unk> and a few characters at least.
@@ -91,3 +92,12 @@ class TextTokenizer:
         """Text ids -> caption (ids outside the tokenizer's range are dropped)."""
         ids = [int(i) for i in np.asarray(ids).ravel() if 0 <= int(i) < self.size]
         return self._sp.decode(ids)
+
+
+def load_text_tokenizer(workdir: str, vocab: Vocab | None = None) -> TextTokenizer | HFTextTokenizer:
+    """The text tokenizer a workdir carries: SentencePiece `tokenizer.model` (cm3jax's own
+    data), else a Hugging Face `tokenizer.json` (a converted checkpoint, see hf_text.py)."""
+    if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)) and not os.path.isfile(
+            os.path.join(workdir, "tokenizer.model")):
+        return HFTextTokenizer.load(workdir, vocab)
+    return TextTokenizer.load(os.path.join(workdir, "tokenizer.model"), vocab)

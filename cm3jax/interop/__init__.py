@@ -1,0 +1,1 @@
+"""Converters between cm3jax and other checkpoint formats (Hugging Face Chameleon / Anole)."""
