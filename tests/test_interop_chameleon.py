@@ -28,7 +28,8 @@ transformers = pytest.importorskip("transformers", reason="the Chameleon referen
 from cm3jax.errors import UserError  # noqa: E402
 from cm3jax.interop import chameleon  # noqa: E402
 from cm3jax.interop.convert import conversion_mesh, from_hf, to_hf  # noqa: E402
-from cm3jax.config import base_config  # noqa: E402
+from cm3jax import runs  # noqa: E402
+from cm3jax.config import base_config, model_vocab_size  # noqa: E402
 from cm3jax.models.layers import TransformerConfig  # noqa: E402
 from cm3jax.sampling.decode import Decoder, SamplingConfig  # noqa: E402
 from cm3jax.tokenizers.text import load_text_tokenizer  # noqa: E402
@@ -36,7 +37,7 @@ from cm3jax.train import partitioning  # noqa: E402
 from cm3jax.train.state import abstract_params  # noqa: E402
 from cm3jax.vocab import Vocab  # noqa: E402
 
-from conftest import REPO_ROOT, experiment_config  # noqa: E402
+from conftest import MODERN_OVERRIDES, REPO_ROOT, experiment_config, tiny_config  # noqa: E402
 
 CODES = 64  # image tokens (VQ codebook)
 IMAGE_START = 4  # Chameleon puts its image tokens right after <unk> <s> </s> <pad>
@@ -45,7 +46,7 @@ BOI, EOI = IMAGE_START + CODES, IMAGE_START + CODES + 1
 FSDP, TENSOR = 4, 2
 
 
-def tiny_config(**overrides) -> "transformers.ChameleonConfig":
+def tiny_chameleon_config(**overrides) -> "transformers.ChameleonConfig":
     fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                   vocabulary_map=chameleon.chameleon_vocabulary_map(CODES),
@@ -82,7 +83,7 @@ def save(model, directory) -> str:
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    return randomised(transformers.ChameleonForConditionalGeneration(tiny_config()))
+    return randomised(transformers.ChameleonForConditionalGeneration(tiny_chameleon_config()))
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +129,22 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return (hidden @ model.lm_head.weight.T).numpy()
 
 
-def test_logits_match_transformers(hf_model, converted):
-    workdir, params = converted
-    cfg, _, graphdef = cm3jax_model(workdir, params)
+def chameleon_order_logits(workdir: str, graphdef, params: dict, tokens: np.ndarray) -> np.ndarray:
+    """cm3jax logits of Chameleon-id `tokens`, columns in Chameleon's id order."""
     ids = chameleon_ids(workdir)
-    tokens = mixed_tokens()
     ours_ids = ids.to_cm3jax(tokens)
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
     forward = jax.jit(lambda p, t, pos, seg: nnx.merge(graphdef, p)(t, pos, seg))
     logits = np.asarray(forward(params, jnp.asarray(ours_ids), jnp.asarray(positions), jnp.ones_like(ours_ids)))
-    ours = logits[:, :, ids.to_cm3jax(np.arange(VOCAB))]  # cm3jax columns in Chameleon's order
-    np.testing.assert_allclose(ours, hf_logits(hf_model, tokens), atol=1e-4, rtol=1e-4)
+    return logits[:, :, ids.to_cm3jax(np.arange(VOCAB))]
+
+
+def test_logits_match_transformers(hf_model, converted):
+    workdir, params = converted
+    _, _, graphdef = cm3jax_model(workdir, params)
+    tokens = mixed_tokens()
+    np.testing.assert_allclose(chameleon_order_logits(workdir, graphdef, params, tokens), hf_logits(hf_model, tokens),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_special_rows_start_from_chameleon_rows(hf_model, converted):
@@ -205,6 +211,51 @@ def test_export_loads_in_transformers_with_the_same_logits(hf_model, converted, 
         np.testing.assert_allclose(reloaded.state_dict()[name].numpy(), value.numpy(), atol=1e-6, err_msg=name)
 
 
+def test_model_trained_in_cm3jax_exports_with_its_own_ids(tmp_path):
+    from cm3jax.train.loop import train
+
+    config = tiny_config({**MODERN_OVERRIDES, "total_steps": 2, "checkpoint.async_save": False})
+    workdir = str(tmp_path / "native")
+    train(config, workdir)
+    to_hf(workdir, str(tmp_path / "hf"))
+    reloaded = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
+    cfg = dataclasses.replace(TransformerConfig.from_config(config.model, model_vocab_size(config)), dtype="float32")
+    graphdef, abstract = abstract_params(cfg)
+    state = runs.restore_arrays(runs.state_path(workdir, None, "LM")[1],
+                                {"params": runs.on_first_device(nnx.to_pure_dict(abstract))}, "LM", "model")
+    tokens = np.random.default_rng(0).integers(0, vocab.size, (2, 12))
+    positions = np.broadcast_to(np.arange(12), tokens.shape)
+    ours = nnx.merge(graphdef, state["params"])(jnp.asarray(tokens), jnp.asarray(positions), jnp.ones_like(tokens))
+    np.testing.assert_allclose(np.asarray(ours)[:, :, :vocab.size], hf_logits(reloaded, tokens), atol=1e-4, rtol=1e-4)
+    assert reloaded.config.vocabulary_map[chameleon.image_token_name(3)] == vocab.image_id(3)
+
+
+def test_fine_tuned_from_converted_exports_to_chameleon_ids(hf_model, converted, tmp_path):
+    from cm3jax.train.loop import train
+
+    source, _ = converted
+    config = ml_collections.ConfigDict(json.load(open(os.path.join(source, "config.json"))))
+    config.update({"init_from": source, "total_steps": 2, "eval_every": 0})
+    config.data.update(source="synthetic", seq_len=32, global_batch_size=8)
+    config.checkpoint.async_save = False
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config.model.dtype = "float32"
+    workdir = str(tmp_path / "tuned")
+    train(config, workdir)
+    to_hf(workdir, str(tmp_path / "hf"))
+    reloaded = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert reloaded.config.vocabulary_map == hf_model.config.vocabulary_map
+    cfg, _, graphdef = cm3jax_model(workdir, converted[1])
+    _, abstract = abstract_params(cfg)
+    params = runs.restore_arrays(runs.state_path(workdir, None, "LM")[1],
+                                 {"params": runs.on_first_device(nnx.to_pure_dict(abstract))}, "LM", "model")["params"]
+    tokens = mixed_tokens()
+    np.testing.assert_allclose(chameleon_order_logits(workdir, graphdef, params, tokens), hf_logits(reloaded, tokens),
+                               atol=1e-4, rtol=1e-4)
+    assert not np.allclose(np.asarray(params["embed"]), np.asarray(converted[1]["embed"]))  # it trained
+
+
 def test_experiment_file_is_the_7b_architecture():
     experiment = experiment_config("chameleon_7b").model
     hf_7b = transformers.ChameleonConfig().to_dict()  # the defaults are Chameleon-7B's
@@ -249,7 +300,7 @@ def test_vocab_that_does_not_match_is_refused(hf_dir, tmp_path):
 
 def test_misshapen_tensor_is_named(tmp_path):
     torch.manual_seed(0)
-    wider = transformers.ChameleonForConditionalGeneration(tiny_config(intermediate_size=96))
+    wider = transformers.ChameleonForConditionalGeneration(tiny_chameleon_config(intermediate_size=96))
     directory = save(wider, tmp_path / "wider")
     config = json.load(open(os.path.join(directory, "config.json")))
     config["intermediate_size"] = 64  # config.json no longer describes the weights

@@ -116,6 +116,11 @@ class ChameleonVocab:
         table[list(self.image_ids)] = len(text) + np.arange(len(self.image_ids))
         return table[np.asarray(ids)]
 
+    def rows(self, vocab: Vocab, model_rows: int) -> "RowMap":
+        """How embedding rows move between this Chameleon vocab and `vocab` (`model_rows`
+        cm3jax rows: the vocab padded to the model's size)."""
+        return RowMap(self.source_rows(vocab, model_rows), self.export_rows(vocab))
+
     def source_rows(self, vocab: Vocab, rows: int) -> np.ndarray:
         """For each of `rows` cm3jax ids, the Chameleon row it starts from (-1: the mean row)."""
         source = np.full(rows, -1, np.int64)
@@ -143,6 +148,32 @@ class ChameleonVocab:
         d = json.loads(text)
         return cls(int(d["size"]), tuple(int(i) for i in d["image_ids"]),
                    {k: int(v) for k, v in d["special_ids"].items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class RowMap:
+    """Embedding / output rows between Chameleon and cm3jax ids.
+
+    Attributes:
+      source: for each cm3jax row, the Chameleon row it is imported from (-1: the mean row).
+      export: for each Chameleon id, the cm3jax row exported to it.
+    """
+
+    source: np.ndarray
+    export: np.ndarray
+
+
+def native_rows(vocab: Vocab, model_rows: int) -> RowMap:
+    """A model trained in cm3jax: Chameleon ids are cm3jax ids (padding rows are dropped)."""
+    return RowMap(np.arange(model_rows), np.arange(vocab.size))
+
+
+def native_vocabulary_map(vocab: Vocab) -> dict[str, int]:
+    """config.json `vocabulary_map` of a model trained in cm3jax: its image codes as
+    Chameleon image tokens, `<break>` as begin- and end-image, `<eos>`, `<pad>`."""
+    names = {image_token_name(c): vocab.image_id(c) for c in range(vocab.image_codes)}
+    return names | {"<pad>": vocab.pad_id, "</s>": vocab.eos_id, "<racm3:break>": vocab.break_id,
+                    "<eoss>": vocab.break_id}
 
 
 def _unsupported(field: str, value, why: str) -> UserError:
@@ -232,14 +263,12 @@ def _linear_in(heads: int | None) -> tuple[Callable, Callable]:
     return (lambda w: w.T.reshape(w.shape[1], heads, -1)), (lambda w: w.reshape(w.shape[0], -1).T)
 
 
-def tensor_layout(cfg: TransformerConfig, vocab: Vocab, chameleon: ChameleonVocab) -> list[Tensor]:
+def tensor_layout(cfg: TransformerConfig, rows: RowMap) -> list[Tensor]:
     """Every Hugging Face tensor of the transformer (not the VQ-VAE) and its cm3jax place."""
     same = (lambda w: w), (lambda w: w)
     heads_in = _linear_in(cfg.num_heads)
     out = (lambda w: w.T.reshape(cfg.num_heads, cfg.head_dim, -1)), (lambda w: w.reshape(-1, w.shape[-1]).T)
-    source = chameleon.source_rows(vocab, cfg.vocab_size)
-    export = chameleon.export_rows(vocab)
-    rows = (lambda w: _gather_rows(w, source)), (lambda w: w[export])
+    embedding = (lambda w: _gather_rows(w, rows.source)), (lambda w: w[rows.export])
     per_layer = {
         "self_attn.q_proj.weight": (("attention", "query"), heads_in),
         "self_attn.k_proj.weight": (("attention", "key"), heads_in),
@@ -255,11 +284,11 @@ def tensor_layout(cfg: TransformerConfig, vocab: Vocab, chameleon: ChameleonVoca
         "input_layernorm.weight": (("attention_norm", "scale"), same),
         "post_attention_layernorm.weight": (("mlp_norm", "scale"), same),
     }
-    layout = [Tensor("model.embed_tokens.weight", ("embed",), None, *rows),
+    layout = [Tensor("model.embed_tokens.weight", ("embed",), None, *embedding),
               Tensor("model.norm.weight", ("final_norm", "scale"), None, *same)]
     if not cfg.tie_embeddings:
         layout.append(Tensor("lm_head.weight", ("lm_head",), None,
-                             lambda w: _gather_rows(w, source).T, lambda w: w.T[export]))
+                             lambda w: _gather_rows(w, rows.source).T, lambda w: w.T[rows.export]))
     for i in range(cfg.num_layers):
         layout += [Tensor(f"model.layers.{i}.{name}", ("blocks",) + path, i, *fns)
                    for name, (path, fns) in per_layer.items()]
@@ -321,8 +350,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def import_transformer(reader: TensorReader, cfg: TransformerConfig, vocab: Vocab, chameleon: ChameleonVocab,
-                       mesh: jax.sharding.Mesh) -> dict:
+def import_transformer(reader: TensorReader, cfg: TransformerConfig, rows: RowMap, mesh: jax.sharding.Mesh) -> dict:
     """The cm3jax parameter tree (pure dict of arrays sharded on `mesh` by their logical
     axes) read from a Hugging Face Chameleon checkpoint, one tensor at a time.
 
@@ -332,7 +360,7 @@ def import_transformer(reader: TensorReader, cfg: TransformerConfig, vocab: Voca
     _, abstract = abstract_params(cfg)
     shapes = nnx.to_pure_dict(abstract)
     shardings = partitioning.param_shardings(abstract, mesh)
-    layout = tensor_layout(cfg, vocab, chameleon)
+    layout = tensor_layout(cfg, rows)
     _check_names(reader, {t.hf_name for t in layout})
     assemblers: dict[tuple[str, ...], ShardedAssembler] = {}
     by_name = {t.hf_name: t for t in layout}
@@ -368,11 +396,10 @@ def _check_names(reader: TensorReader, expected: set[str]) -> None:
 
 # --- export -------------------------------------------------------------------------------
 
-def export_transformer(params: dict, cfg: TransformerConfig, vocab: Vocab,
-                       chameleon: ChameleonVocab) -> Iterator[tuple[str, np.ndarray]]:
+def export_transformer(params: dict, cfg: TransformerConfig, rows: RowMap) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array) of every transformer tensor, from a cm3jax parameter tree."""
     check_chameleon_style(cfg)
-    for tensor in tensor_layout(cfg, vocab, chameleon):
+    for tensor in tensor_layout(cfg, rows):
         value = np.asarray(_at(params, tensor.path))
         yield tensor.hf_name, tensor.to_hf(value if tensor.layer is None else value[tensor.layer])
 

@@ -101,7 +101,7 @@ def from_hf(src: str, workdir: str, fsdp: int = 1, tensor: int = 1, param_dtype:
     config = converted_config(hf, vocab, param_dtype, fsdp, tensor)
     cfg = TransformerConfig.from_config(config.model, model_vocab_size(config))
     reader = TensorReader(src)
-    params = chameleon.import_transformer(reader, cfg, vocab, ids, conversion_mesh(fsdp, tensor))
+    params = chameleon.import_transformer(reader, cfg, ids.rows(vocab, cfg.vocab_size), conversion_mesh(fsdp, tensor))
     workdir = os.path.abspath(workdir)
     # At most 1 GB in flight between devices, host and disk: Orbax's default (96 GB) would copy
     # a 7B model to host memory whole while saving.
@@ -151,34 +151,27 @@ def _write_image_tokenizer(reader: TensorReader, hf: dict, workdir: str, vqgan_c
 
 
 def to_hf(workdir: str, dst: str, step: int | None = None, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes the LM in `workdir` (made by `from_hf`, possibly trained since) as a Hugging
-    Face Chameleon directory `dst`, one safetensors shard in memory at a time.
+    """Writes the LM in `workdir` as a Hugging Face Chameleon directory `dst`, one safetensors
+    shard in memory at a time: a workdir made by `from_hf` (possibly trained since) goes back
+    to Chameleon's ids, a model trained in cm3jax with the Chameleon-style config keeps its own.
 
     Raises:
-      UserError: not such a workdir, a model that is not Chameleon-style, or a `dst` that
+      UserError: not an LM workdir, a model that is not Chameleon-style, or a `dst` that
         already holds a model.
     """
     if os.path.exists(os.path.join(dst, HF_CONFIG)):
         raise UserError(f"{dst} already holds a model ({HF_CONFIG}): export into a new directory")
     config = ml_collections.ConfigDict(runs.read_config(workdir, "LM"))
     vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
-    ids_path, base_path = os.path.join(workdir, CHAMELEON_VOCAB), os.path.join(workdir, CHAMELEON_CONFIG)
-    for path in (ids_path, base_path):
-        if not os.path.isfile(path):
-            raise UserError(f"{path} is missing: --to=hf exports workdirs made by --from=hf (and models "
-                            "fine-tuned from them), which carry Chameleon's id map and config")
-    with open(ids_path) as f:
-        ids = chameleon.ChameleonVocab.from_json(f.read())
-    with open(base_path) as f:
-        base = json.load(f)
-    ids.vocab(vocab.num_masks).check_same(vocab, f"{workdir}'s Chameleon id map")
     cfg = TransformerConfig.from_config(config.model, model_vocab_size(config))
+    chameleon.check_chameleon_style(cfg)
+    base, rows = _export_vocab(workdir, vocab, cfg)
     _, path = runs.state_path(workdir, step, "LM")
     _, abstract = abstract_params(cfg)
     target = runs.on_first_device(nnx.to_pure_dict(abstract))
     params = runs.restore_arrays(path, {"params": target}, "LM", "model")["params"]
     hf = chameleon.hf_text_config(base, cfg)
-    tensors = itertools.chain(chameleon.export_transformer(params, cfg, vocab, ids),
+    tensors = itertools.chain(chameleon.export_transformer(params, cfg, rows),
                               _export_image_tokenizer(workdir, hf))  # also sets hf["vq_config"]
     write_checkpoint(dst, tensors, max_shard_bytes)
     with open(os.path.join(dst, HF_CONFIG), "w") as f:
@@ -188,16 +181,42 @@ def to_hf(workdir: str, dst: str, step: int | None = None, max_shard_bytes: int 
             shutil.copyfile(os.path.join(workdir, name), os.path.join(dst, name))
 
 
+def _export_vocab(workdir: str, vocab: Vocab, cfg: TransformerConfig) -> tuple[dict, chameleon.RowMap]:
+    """(base config.json, row map) of the export: the imported Chameleon's (its config and id
+    map, checked against `vocab`), or, for a model trained in cm3jax, cm3jax's own ids."""
+    ids_path, base_path = os.path.join(workdir, CHAMELEON_VOCAB), os.path.join(workdir, CHAMELEON_CONFIG)
+    if not os.path.isfile(ids_path):
+        base = {"model_type": "chameleon", "architectures": ["ChameleonForConditionalGeneration"],
+                "vocab_size": vocab.size, "vocabulary_map": chameleon.native_vocabulary_map(vocab),
+                "bos_token_id": None, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
+                "vq_config": {"num_embeddings": vocab.image_codes}}
+        return base, chameleon.native_rows(vocab, cfg.vocab_size)
+    if not os.path.isfile(base_path):
+        raise UserError(f"{base_path} is missing: a workdir converted with --from=hf keeps Chameleon's config there")
+    with open(ids_path) as f:
+        ids = chameleon.ChameleonVocab.from_json(f.read())
+    with open(base_path) as f:
+        base = json.load(f)
+    ids.vocab(vocab.num_masks).check_same(vocab, f"{workdir}'s Chameleon id map")
+    return base, ids.rows(vocab, cfg.vocab_size)
+
+
 def _export_image_tokenizer(workdir: str, hf: dict) -> list[tuple[str, np.ndarray]]:
     """model.vqmodel.* tensors of the workdir's VQGAN (vq_config set in `hf`), or none."""
     path = os.path.join(workdir, "image_tokenizer.json")
     if not os.path.isfile(path):
         return []
-    tokenizer = load_image_tokenizer(path)
-    vqgan_dir = getattr(tokenizer, "workdir", None)
+    vqgan_dir = getattr(load_image_tokenizer(path), "workdir", None)
     if vqgan_dir is None:
+        logging.warning("%s: the image tokenizer is not a VQGAN; the export has no image tokenizer weights", workdir)
         return []
     cfg = read_vqgan_config(vqgan_dir)
+    try:
+        chameleon_vqvae.check_chameleon_compatible(cfg)
+    except UserError as e:
+        logging.warning("%s: the VQGAN is not Chameleon's VQ-VAE (%s); the export has no image tokenizer weights",
+                        workdir, e)
+        return []
     _, state = runs.state_path(vqgan_dir, None, "VQGAN")
     params = nnx.to_pure_dict(nnx.state(restore_generator(state, cfg), nnx.Param))
     hf["vq_config"] = chameleon_vqvae.vqgan_config_to_hf(cfg)
