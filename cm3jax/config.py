@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 500  # steps between eval-loss passes (0 = never)
     c.eval_steps = 4  # batches per eval pass
     c.peak_flops_per_device = -1.0  # for MFU; -1 = measure (CPU) or look up by device kind (GPU/TPU)
+    c.init_from = ""  # LM workdir whose newest checkpoint's parameters start this run ('' = fresh init)
+    c.freeze = ()  # parameter path prefixes that get no updates, e.g. ('embed',) or ('blocks/attention',)
 
     c.vocab = ml_collections.ConfigDict()
     c.vocab.text_size = 56320  # text (BPE) ids; CM3leon's tokenizer has 56,320
@@ -215,6 +217,19 @@ def _check_choice(config: ml_collections.ConfigDict, field: str, choices) -> Non
         raise ConfigError(field, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
+    """`init_from` and `freeze`: well-formed, and only for the LM task."""
+    if not isinstance(config.init_from, str):
+        raise ConfigError("init_from", f"must be a workdir path or '', got {config.init_from!r}")
+    freeze = config.freeze
+    if not isinstance(freeze, (tuple, list)) or not all(isinstance(p, str) and p.strip("/") for p in freeze):
+        raise ConfigError("freeze", f"must be a tuple of parameter path prefixes like ('embed',), "
+                                    f"got {freeze!r}")
+    for field in ("init_from", "freeze"):
+        if config[field] and config.task != "lm":
+            raise ConfigError(field, f"only config.task='lm' supports it, not {config.task!r}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> dict:
     """Checks a config against the devices it will run on; returns the resolved mesh shape.
 
@@ -222,6 +237,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
       ConfigError: naming the first field whose value cannot work.
     """
     _check_choice(config, "task", KNOWN_TASKS)
+    _check_fine_tuning(config)
     for section in TASK_SECTIONS.get(config.task, ()):
         if section not in config:
             raise ConfigError(section, f"missing: config.task={config.task!r} needs this section "

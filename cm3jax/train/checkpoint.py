@@ -116,3 +116,9 @@ def check_compatible(saved: dict, current: dict, where: str) -> None:
     ]
     if diffs:
         raise CheckpointMismatchError(f"checkpoint {where} has another model shape: " + "; ".join(diffs))
+    # Frozen parameters keep no optimizer state (cm3jax.train.optim), so the state's layout depends on them.
+    theirs, ours = (list(meta["config"].get("freeze", ())) for meta in (saved, current))
+    if theirs != ours:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was trained with config.freeze={theirs}, this run has {ours}: its optimizer "
+            "state does not fit; keep config.freeze, or fine-tune in a new workdir with config.init_from")

@@ -2,7 +2,9 @@
 
 A run always auto-resumes from the newest complete checkpoint in its workdir, so the
 same command starts, resumes after a crash, and resumes after pre-emption. SIGTERM
-makes the loop save at the next step boundary and return cleanly (exit code 0).
+makes the loop save at the next step boundary and return cleanly (exit code 0). A run
+with `config.init_from` and no checkpoint yet starts from another run's parameters
+(cm3jax/train/init_from.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cm3jax import vocab as vocab_lib
 from cm3jax.data.pipeline import check_image_grid, check_prepared_vocab, prepared_dir
 from cm3jax.data.prepare import prepare
 from cm3jax.models import accounting
-from cm3jax.train import partitioning, tasks
+from cm3jax.train import init_from, partitioning, tasks
 from cm3jax.train import metrics as metrics_lib
 from cm3jax.train.checkpoint import Checkpointer
 
@@ -107,6 +109,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      workdir, latest, config.total_steps)
         checkpointer.close()
         return {}
+    start_from = init_from.source(config, latest)  # checked before anything compiles
+    if start_from is not None:
+        init_from.carry_id_map(start_from, workdir)
     mesh = partitioning.make_mesh(mesh_shape)
     logging.info("mesh %s over %d devices, %d process(es)", mesh_shape, jax.device_count(),
                  jax.process_count())
@@ -126,6 +131,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = task.meta()
     if latest is None:
         state = task.spec.init()
+        if start_from is not None:
+            state = init_from.with_params(state, start_from, task.spec.abstract["params"])
     else:
         logging.info("resuming from checkpoint step %d", latest)
         state = checkpointer.restore(latest, task.spec.abstract, data_iterator, meta)

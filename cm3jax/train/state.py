@@ -84,10 +84,7 @@ def sharded_state_spec(model_config: Any, graphdef: nnx.GraphDef, abstract_param
     shardings = {
         "step": replicated,
         "params": param_sh,
-        "opt_state": optax.tree_map_params(
-            optimizer, lambda _, sharding: sharding, shapes["opt_state"], param_sh,
-            transform_non_params=lambda _: replicated,
-        ),
+        "opt_state": opt_state_shardings(shapes["opt_state"], shapes["params"], param_sh, replicated),
         "rng": replicated,
     }
     abstract = jax.tree.map(
@@ -97,6 +94,27 @@ def sharded_state_spec(model_config: Any, graphdef: nnx.GraphDef, abstract_param
                      jax.jit(init, out_shardings=shardings))
 
 
+def opt_state_shardings(opt_state: Any, params: dict, param_shardings: dict,
+                        replicated: jax.sharding.Sharding) -> Any:
+    """Shardings of an optimizer state: a leaf whose key path ends with a parameter's path and
+    which has that parameter's shape (one of its moments) is sharded like it; the rest is replicated.
+
+    Unlike `optax.tree_map_params` this also maps partitioned states (`optax.multi_transform`,
+    used by `config.freeze`), where the moments exist for some parameters only.
+    """
+    by_path = {tuple(path): (leaf.shape, sharding) for (path, leaf), sharding in
+               zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))}
+
+    def sharding(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.sharding.Sharding:
+        for start in range(len(path)):  # longest suffix first
+            shape, param_sharding = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return param_sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, opt_state)
+
+
 def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
     """Derives shapes and shardings of the LM train state for `config` on `mesh`."""
     cfg = model_config(config)
@@ -104,4 +122,4 @@ def build_state_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec
     return sharded_state_spec(
         cfg, graphdef, abstract_param_state,
         lambda key: nnx.to_pure_dict(nnx.state(transformer.create(cfg, key))),
-        make_optimizer(config.optim, schedule_steps(config)), mesh, config.seed)
+        make_optimizer(config.optim, schedule_steps(config), freeze=config.freeze), mesh, config.seed)
