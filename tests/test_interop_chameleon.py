@@ -291,6 +291,14 @@ def test_unsupported_config_names_the_field(hf_dir, tmp_path, field, value):
         from_hf(_with_config(hf_dir, tmp_path, **{field: value}), str(tmp_path / "out"))
 
 
+def test_unsupported_image_tokenizer_is_refused_before_anything_is_written(hf_dir, tmp_path):
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    with pytest.raises(UserError, match="double_latent"):
+        from_hf(_with_config(hf_dir, tmp_path, vq_config=config["vq_config"] | {"double_latent": True}),
+                str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_vocab_that_does_not_match_is_refused(hf_dir, tmp_path):
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     fewer = {k: v for k, v in config["vocabulary_map"].items() if k != chameleon.image_token_name(CODES - 1)}

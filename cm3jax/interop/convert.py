@@ -101,6 +101,7 @@ def from_hf(src: str, workdir: str, fsdp: int = 1, tensor: int = 1, param_dtype:
     config = converted_config(hf, vocab, param_dtype, fsdp, tensor)
     cfg = TransformerConfig.from_config(config.model, model_vocab_size(config))
     reader = TensorReader(src)
+    vq_section = _vq_section(reader, hf, vqgan_ckpt)  # checked before the long import
     params = chameleon.import_transformer(reader, cfg, ids.rows(vocab, cfg.vocab_size), conversion_mesh(fsdp, tensor))
     workdir = os.path.abspath(workdir)
     # At most 1 GB in flight between devices, host and disk: Orbax's default (96 GB) would copy
@@ -111,7 +112,8 @@ def from_hf(src: str, workdir: str, fsdp: int = 1, tensor: int = 1, param_dtype:
                           args=ocp.args.PyTreeSave({"params": params}))
     if jax.process_index() == 0:
         _write_run_files(src, workdir, config, vocab, ids, hf)
-        _write_image_tokenizer(reader, hf, workdir, vqgan_ckpt)
+        if vq_section is not None:
+            _write_image_tokenizer(reader, vq_section, workdir, vqgan_ckpt)
     return params
 
 
@@ -131,13 +133,21 @@ def _write_run_files(src: str, workdir: str, config: ml_collections.ConfigDict, 
         json.dump(ids.text_ids.tolist(), f)  # cm3jax text id -> Chameleon id, for tokenizer.json
 
 
-def _write_image_tokenizer(reader: TensorReader, hf: dict, workdir: str, vqgan_ckpt: str) -> None:
+def _vq_section(reader: TensorReader, hf: dict, vqgan_ckpt: str) -> ml_collections.ConfigDict | None:
+    """The `config.vqgan` section of the checkpoint's VQ-VAE, or None (with a warning) when it
+    has none; UserError for a VQ-VAE cm3jax cannot hold or a missing --vqgan_ckpt file."""
+    if vqgan_ckpt and not os.path.isfile(vqgan_ckpt):
+        raise UserError(f"--vqgan_ckpt={vqgan_ckpt} does not exist")
+    if not any(n.startswith(VQ_PREFIX) for n in reader.names()):
+        logging.warning("%s has no VQ-VAE (model.vqmodel.*): no image tokenizer written", reader.directory)
+        return None
+    return chameleon_vqvae.vqgan_config_from_hf(hf.get("vq_config") or {})
+
+
+def _write_image_tokenizer(reader: TensorReader, section: ml_collections.ConfigDict, workdir: str,
+                           vqgan_ckpt: str) -> None:
     """DIR/vqgan from the checkpoint's VQ-VAE and DIR/image_tokenizer.json naming it."""
     names = {n for n in reader.names() if n.startswith(VQ_PREFIX)}
-    if not names:
-        logging.warning("%s has no VQ-VAE (model.vqmodel.*): no image tokenizer written", reader.directory)
-        return
-    section = chameleon_vqvae.vqgan_config_from_hf(hf.get("vq_config") or {})
     decoder = read_torch_state_dict(vqgan_ckpt, "pip install -r requirements-ref.txt") if vqgan_ckpt else None
     imported = chameleon_vqvae.vqgan_params_from_hf(dict(reader.by_shard(names)), VQGANConfig.from_config(section),
                                                     decoder_arrays=decoder)
