@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from cm3jax.errors import UserError
+from cm3jax.interop.chameleon_vqvae import HF_PREFIX as VQ_PREFIX
 from cm3jax.interop.tensor_files import TensorReader
 from cm3jax.models.layers import TransformerConfig
 from cm3jax.train import partitioning
@@ -312,15 +313,14 @@ class ShardedAssembler:
     moves the buffers to their devices and frees them.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding, stacked: bool):
-        self.shape, self.dtype, self.sharding, self.stacked = shape, np.dtype(dtype), sharding, stacked
+    def __init__(self, shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding):
+        self.shape, self.dtype, self.sharding = shape, np.dtype(dtype), sharding
         self.groups: dict[tuple, tuple[list, np.ndarray]] = {}
         for device, index in sharding.addressable_devices_indices_map(shape).items():
             bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
             if bounds not in self.groups:
                 self.groups[bounds] = ([], np.empty([b - a for a, b in bounds], self.dtype))
             self.groups[bounds][0].append(device)
-        self.writes = 0
 
     def write(self, value: np.ndarray, layer: int | None) -> None:
         """Places `value` (the whole array, or layer `layer` of a stacked one)."""
@@ -329,11 +329,11 @@ class ShardedAssembler:
                 buffer[...] = value[tuple(slice(a, b) for a, b in bounds)]
             elif bounds[0][0] <= layer < bounds[0][1]:
                 buffer[layer - bounds[0][0]] = value[tuple(slice(a, b) for a, b in bounds[1:])]
-        self.writes += 1
 
     def finish(self) -> jax.Array:
         """The global array (this host's shards on their devices); the host buffers are dropped."""
-        shards = [jax.device_put(buffer, device, may_alias=True) for devices, buffer in self.groups.values() for device in devices]
+        shards = [jax.device_put(buffer, device, may_alias=True)
+                  for devices, buffer in self.groups.values() for device in devices]
         self.groups = {}
         return jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards)
 
@@ -373,8 +373,7 @@ def import_transformer(reader: TensorReader, cfg: TransformerConfig, rows: RowMa
             raise UserError(f"{reader.directory}: {name} has shape {array.shape}, which does not fit the "
                             f"model its config.json describes (cm3jax expects {tuple(want)} after conversion)")
         if tensor.path not in assemblers:
-            assemblers[tensor.path] = ShardedAssembler(target.shape, target.dtype, _at(shardings, tensor.path),
-                                                       tensor.layer is not None)
+            assemblers[tensor.path] = ShardedAssembler(target.shape, target.dtype, _at(shardings, tensor.path))
         assemblers[tensor.path].write(value.astype(target.dtype, copy=False), tensor.layer)
     params: dict = {}
     for path, assembler in assemblers.items():
@@ -384,7 +383,7 @@ def import_transformer(reader: TensorReader, cfg: TransformerConfig, rows: RowMa
 
 def _check_names(reader: TensorReader, expected: set[str]) -> None:
     """UserError naming tensors the layout needs but the checkpoint lacks, or the reverse."""
-    names = {n for n in reader.names() if not n.startswith("model.vqmodel.")}
+    names = {n for n in reader.names() if not n.startswith(VQ_PREFIX)}
     missing, extra = sorted(expected - names), sorted(names - expected)
     if missing:
         raise UserError(f"{reader.directory}: the checkpoint lacks {len(missing)} tensors its config.json "
@@ -399,8 +398,9 @@ def _check_names(reader: TensorReader, expected: set[str]) -> None:
 def export_transformer(params: dict, cfg: TransformerConfig, rows: RowMap) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array) of every transformer tensor, from a cm3jax parameter tree."""
     check_chameleon_style(cfg)
+    host = jax.tree.map(np.asarray, params)  # once per parameter, not once per layer of a stacked one
     for tensor in tensor_layout(cfg, rows):
-        value = np.asarray(_at(params, tensor.path))
+        value = _at(host, tensor.path)
         yield tensor.hf_name, tensor.to_hf(value if tensor.layer is None else value[tensor.layer])
 
 

@@ -32,6 +32,7 @@ from cm3jax import runs
 from cm3jax.config import base_config, model_vocab_size
 from cm3jax.errors import UserError, exit_on_user_error
 from cm3jax.interop import chameleon, chameleon_vqvae
+from cm3jax.interop.chameleon_vqvae import HF_PREFIX as VQ_PREFIX
 from cm3jax.interop.tensor_files import TensorReader, write_checkpoint
 from cm3jax.models.layers import TransformerConfig
 from cm3jax.models.torch_state import read_torch_state_dict
@@ -46,7 +47,6 @@ HF_CONFIG = "config.json"
 CHAMELEON_VOCAB = "chameleon_vocab.json"
 CHAMELEON_CONFIG = "chameleon_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-VQ_PREFIX = "model.vqmodel."
 
 
 def read_hf_config(directory: str) -> dict:
