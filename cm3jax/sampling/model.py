@@ -67,10 +67,8 @@ def load_model(workdir: str, step: int | None = None, tensor: int = 1) -> Loaded
         if not os.path.isfile(os.path.join(workdir, name)):
             raise UserError(f"{os.path.join(workdir, name)} is missing: the LM workdir needs the "
                             "vocab and tokenizers its trainer copies there")
-    if not any(os.path.isfile(os.path.join(workdir, name)) for name in ("tokenizer.model", "tokenizer.json")):
-        raise UserError(f"{os.path.join(workdir, 'tokenizer.model')} is missing: the LM workdir needs the "
-                        "text tokenizer its trainer copies there (or a converted checkpoint's tokenizer.json)")
     vocab = Vocab.load(os.path.join(workdir, "vocab.json"))
+    text_tokenizer = load_text_tokenizer(workdir, vocab)  # before the restore: a missing file fails fast
     step, path = runs.state_path(workdir, step, WHAT)
     cfg = model_config(config)
     if tensor < 1 or jax.device_count() % tensor or cfg.num_heads % tensor:
@@ -91,7 +89,7 @@ def load_model(workdir: str, step: int | None = None, tensor: int = 1) -> Loaded
         step=step,
         config=config,
         vocab=vocab,
-        text_tokenizer=load_text_tokenizer(workdir, vocab),
+        text_tokenizer=text_tokenizer,
         image_tokenizer=image_tokenizer,
         decoder=Decoder(graphdef, params, cfg, vocab, mesh),
     )

@@ -97,7 +97,10 @@ class TextTokenizer:
 def load_text_tokenizer(workdir: str, vocab: Vocab | None = None) -> TextTokenizer | HFTextTokenizer:
     """The text tokenizer a workdir carries: SentencePiece `tokenizer.model` (cm3jax's own
     data), else a Hugging Face `tokenizer.json` (a converted checkpoint, see hf_text.py)."""
-    if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)) and not os.path.isfile(
-            os.path.join(workdir, "tokenizer.model")):
+    sentencepiece = os.path.join(workdir, "tokenizer.model")
+    if os.path.isfile(sentencepiece):
+        return TextTokenizer.load(sentencepiece, vocab)
+    if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
         return HFTextTokenizer.load(workdir, vocab)
-    return TextTokenizer.load(os.path.join(workdir, "tokenizer.model"), vocab)
+    raise UserError(f"{sentencepiece} is missing: the workdir needs the text tokenizer its trainer copies "
+                    f"there (or a converted checkpoint's {TOKENIZER_FILE})")
