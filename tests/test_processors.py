@@ -306,8 +306,10 @@ def test_modality_constraint_decoding(seed, image_tokens, break_bias):
     ]
     ids, mask = left_pad(rows, 10, PAD)
     steps = 30
-    logits = random_logits(seed, (steps, len(rows), V), scale=1.0, neg_inf=0.0)
+    logits = random_logits(seed, (steps, len(rows), V + 8), scale=1.0, neg_inf=0.0)  # a padded embedding
     logits[..., BRK] += break_bias
+    logits[..., V:] += 2.0  # the padding rows and <pad> are likely, yet never allowed
+    logits[..., PAD] += 2.0
     state, generated = greedy_decode(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(logits), image_tokens)
     generated = np.asarray(generated)
     # modality_state over prompt + generation agrees with the step-by-step state
@@ -328,6 +330,7 @@ def test_modality_constraint_decoding(seed, image_tokens, break_bias):
                 count += 1
             else:
                 assert not in_image  # only codes inside an image
+                assert tok < VOCAB.size and tok != PAD  # never <pad> or an id the vocab does not have
         assert (bool(state.in_image[b]), int(state.count[b])) == (in_image, count)
     # the row that opened an image always fills and closes it within the horizon
     assert parse_state(rows[0] + generated[0][:image_tokens + 1].tolist()) == (False, 0)

@@ -159,13 +159,15 @@ def constrain_modality(
 
     In an image region with fewer than `image_tokens` (static) codes only image codes are
     allowed; once it has `image_tokens` codes only the closing <break> is. In a text region
-    image codes are masked out and everything else (including an opening <break>) is allowed.
+    every id of the vocab but image codes and `<pad>` is allowed (text, an opening <break>,
+    <eos>, sentinels); the rows that pad the model's embedding past `vocab.size` never are.
     """
     ids = jnp.arange(logits.shape[-1])
     image = is_image_code(ids, vocab)
     in_image = state.in_image[:, None]
     full = (state.count >= image_tokens)[:, None]
-    allowed = jnp.where(in_image, jnp.where(full, ids == vocab.break_id, image), ~image)
+    text = ~image & (ids < vocab.size) & (ids != vocab.pad_id)
+    allowed = jnp.where(in_image, jnp.where(full, ids == vocab.break_id, image), text)
     return jnp.where(allowed, logits, NEG_INF)
 
 
