@@ -91,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.retrieval = base_retrieval_config()  # retrieval-augmented documents (off by default)
 
+    c.sft = ml_collections.ConfigDict()  # supervised fine-tuning (cm3jax/data/tasks.py); empty mixture = off
+    c.sft.mixture = ml_collections.ConfigDict()  # task -> sampling weight, e.g. {'vqa': 0.3, 'edit': 0.3}
+    c.sft.sources = ml_collections.ConfigDict()  # task -> 'shapes' or 'jsonl:DIR' (cm3jax.data.prepare)
+    c.sft.shapes_records = ml_collections.ConfigDict()  # task -> {split: records}; default prepare.shapes_records
+    c.sft.target_only = True  # loss on the target tokens only (the answer, the edited image), not the prompt
+
     c.prepare = ml_collections.ConfigDict()  # used by cm3jax.data.prepare only
     c.prepare.sources = ml_collections.ConfigDict({"train": "shapes", "validation": "shapes"})  # split -> spec ('' = skip)
     c.prepare.shapes_records = ml_collections.ConfigDict({"train": 20000, "validation": 1000})  # 'shapes' sizes
@@ -230,6 +236,25 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(field, f"only config.task='lm' supports it, not {config.task!r}")
 
 
+def _check_sft(config: ml_collections.ConfigDict) -> None:
+    """`sft.mixture`: known tasks with positive weights, no retrieval, only for the LM."""
+    from cm3jax.data.tasks import TASKS  # lazy: the data package imports this module
+
+    mixture = config.sft.mixture
+    if not mixture:
+        return
+    if config.task != "lm":
+        raise ConfigError("sft.mixture", f"only config.task='lm' fine-tunes, not {config.task!r}")
+    for task, weight in mixture.items():
+        if task not in TASKS:
+            raise ConfigError(f"sft.mixture.{task}", f"unknown task; known tasks are {', '.join(TASKS)}")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"sft.mixture.{task}", f"weight must be a positive number, got {weight!r}")
+    if config.retrieval.enabled:
+        raise ConfigError("retrieval.enabled", "fine-tuning examples are not retrieval-augmented; "
+                          "set it False when sft.mixture is set")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> dict:
     """Checks a config against the devices it will run on; returns the resolved mesh shape.
 
@@ -238,6 +263,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     """
     _check_choice(config, "task", KNOWN_TASKS)
     _check_fine_tuning(config)
+    _check_sft(config)
     for section in TASK_SECTIONS.get(config.task, ()):
         if section not in config:
             raise ConfigError(section, f"missing: config.task={config.task!r} needs this section "

@@ -70,6 +70,18 @@ def decode_image(data: bytes, resolution: int, name: str) -> np.ndarray:
         img.close()
 
 
+def read_image_file(path: str, name: str, resolution: int) -> np.ndarray:
+    """Reads and decodes one image file; a missing or unreadable file is a bad record."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        missing = isinstance(e, FileNotFoundError)
+        reason = "file not found" if missing else f"cannot read ({e.strerror})"
+        raise BadRecordError(f"{name}: {reason}") from e
+    return decode_image(data, resolution, name)
+
+
 def _open_fully(data: bytes, name: str) -> Image.Image:
     """Opens and fully decodes the image, so truncated data fails here, not later."""
     try:

@@ -11,7 +11,15 @@ Two sources feed the same batch schema (cm3jax.data.schema):
 * `synthetic` — deterministic packed rows for smoke runs and loop tests; host h reads a
   contiguous block of each global batch, so any host count sees the same global batch.
 
-The iterator state of either (`get_state`/`set_state`) is saved in every checkpoint, so a
+* `prepared:DIR` with `config.sft.mixture` — fine-tuning examples (cm3jax/data/tasks.py) in
+  DIR/<task>/ shards. Per task: shuffle -> repeat; the tasks are interleaved deterministically
+  in the mixture's proportions (`grain.MapDataset.mix`: every window of the stream holds each
+  task at its weight, so proportions are exact, not sampled) -> this host's examples -> the
+  task's template (`SftFormat.encode`; loss on the targets only with `sft.target_only`) ->
+  packing as above. Each token carries `task_ids` (1 + the task's index in the mixture) so
+  the step reports `loss/<task>`.
+
+The iterator state of any of them (`get_state`/`set_state`) is saved in every checkpoint, so a
 resumed run continues with exactly the batch it would have seen.
 """
 
@@ -28,10 +36,12 @@ import numpy as np
 from cm3jax import vocab as vocab_lib
 from cm3jax.data import cm3
 from cm3jax.data.neighbours import WithNeighbours, open_neighbours
-from cm3jax.data.records import split_documents
+from cm3jax.data.records import decode_sft_record, split_documents
 from cm3jax.data.schema import FIELDS
 from cm3jax.data.synthetic import SyntheticDocuments
+from cm3jax.data.tasks import SftFormat, get_task
 from cm3jax.errors import UserError
+from cm3jax.tokenizers.text import load_text_tokenizer
 
 PREPARED = "prepared:"
 
@@ -62,14 +72,22 @@ def check_image_grid(directory: str, image_grid: int) -> None:
         raise UserError(f"config.model.image_grid={image_grid}, but the images of {directory} are {grid}x{grid} codes")
 
 
+def sft_tasks(config: ml_collections.ConfigDict) -> list[str]:
+    """The fine-tuning tasks of `config.sft.mixture`, in order ([] for pretraining data)."""
+    return list(config.sft.mixture) if "sft" in config else []
+
+
 def prepared_bad_records(config: ml_collections.ConfigDict) -> int:
-    """Records of the train split that prepare could not read (0 for synthetic data)."""
+    """Records of the train split (of every fine-tuning task) that prepare could not read
+    (0 for synthetic data)."""
     directory = prepared_dir(config)
     report = os.path.join(directory or "", "prepare_report.json")
     if directory is None or not os.path.exists(report):
         return 0
     with open(report) as f:
-        return int(json.load(f)["splits"].get("train", {}).get("bad_records", 0))
+        report = json.load(f)
+    sections = [report["splits"]] + list(report.get("tasks", {}).values())
+    return sum(int(splits.get("train", {}).get("bad_records", 0)) for splits in sections)
 
 
 class DocumentTransform(grain.transforms.RandomMap):
@@ -98,7 +116,23 @@ class DocumentTransform(grain.transforms.RandomMap):
             tokens, weights = cm3.prepend_retrieved(tokens, weights, retrieved, self.vocab, self.retrieved_in_loss)
         code_positions = cm3.cm3_code_positions(tokens, self.vocab)  # before the cut: needs the whole tail
         return {"tokens": tokens[: self.max_tokens], "weights": weights[: self.max_tokens].astype(np.int32),
-                "code_positions": code_positions[: self.max_tokens]}
+                "code_positions": code_positions[: self.max_tokens],
+                "task_ids": np.zeros(min(len(tokens), self.max_tokens), np.int32)}
+
+
+class ExampleTransform(grain.transforms.Map):
+    """Fine-tuning record -> `{'tokens', 'weights', 'code_positions', 'task_ids'}` by its task's template."""
+
+    def __init__(self, formats: dict[str, SftFormat], target_only: bool, max_tokens: int):
+        self.formats, self.target_only, self.max_tokens = formats, target_only, max_tokens
+        self.task_ids = {task: i + 1 for i, task in enumerate(formats)}
+
+    def map(self, record: dict) -> dict:
+        out = self.formats[record["task"]].encode(record["parts"], self.target_only)
+        out = {k: v[: self.max_tokens] for k, v in out.items()}
+        out["weights"] = out["weights"].astype(np.int32)
+        out["task_ids"] = np.full(len(out["tokens"]), self.task_ids[record["task"]], np.int32)
+        return out
 
 
 class ToSchema(grain.transforms.Map):
@@ -119,14 +153,13 @@ class ToSchema(grain.transforms.Map):
             "loss_mask": same_document & (packed["weights"][1:] > 0),
             "token_type": self.vocab.token_type(tokens[1:]),
             "code_positions": packed["code_positions"][:-1],
+            "task_ids": packed["task_ids"][1:],
         }
         return {k: np.asarray(row[k], np.int32) for k in FIELDS}
 
 
-def _prepared_dataset(config, directory: str, split: str, process_index: int,
-                      process_count: int) -> grain.IterDataset:
-    vocab = vocab_lib.from_config(config.vocab)
-    check_prepared_vocab(directory, vocab)
+def _documents(config, directory: str, split: str, vocab: vocab_lib.Vocab) -> grain.MapDataset:
+    """Pretraining documents, repeated, each in its CM3 layout (see the module docstring)."""
     documents = split_documents(directory, split)
     if config.retrieval.enabled:
         memory = split_documents(directory, "train")
@@ -135,16 +168,38 @@ def _prepared_dataset(config, directory: str, split: str, process_index: int,
     documents = grain.MapDataset.source(documents)
     if split == "train":
         documents = documents.shuffle(seed=config.seed)
-    documents = documents.repeat(None)
-    documents = documents.random_map(DocumentTransform(vocab, config, split), seed=config.seed)
-    documents = documents[process_index::process_count]
+    return documents.repeat(None).random_map(DocumentTransform(vocab, config, split), seed=config.seed)
+
+
+def sft_examples(config, directory: str, split: str, vocab: vocab_lib.Vocab) -> grain.MapDataset:
+    """Fine-tuning examples of every task of the mixture, interleaved in its proportions."""
+    tasks = sft_tasks(config)
+    encoder = load_text_tokenizer(directory, vocab).encode
+    formats = {task: get_task(task).bind(vocab, encoder) for task in tasks}
+    per_task = []
+    for task in tasks:
+        examples = grain.MapDataset.source(split_documents(os.path.join(directory, task), split, decode_sft_record))
+        if split == "train":
+            examples = examples.shuffle(seed=config.seed)
+        per_task.append(examples.repeat(None))
+    mixed = grain.MapDataset.mix(per_task, [float(config.sft.mixture[task]) for task in tasks])
+    return mixed.map(ExampleTransform(formats, config.sft.target_only, config.data.seq_len + 1))
+
+
+def _prepared_dataset(config, directory: str, split: str, process_index: int,
+                      process_count: int) -> grain.IterDataset:
+    vocab = vocab_lib.from_config(config.vocab)
+    check_prepared_vocab(directory, vocab)
+    make = sft_examples if sft_tasks(config) else _documents
+    documents = make(config, directory, split, vocab)[process_index::process_count]
     seq_plus_one = config.data.seq_len + 1
+    fields = ("tokens", "weights", "code_positions", "task_ids")
     rows = grain.experimental.FirstFitPackIterDataset(
         documents.to_iter_dataset(_read_options(config)),
-        length_struct={"tokens": seq_plus_one, "weights": seq_plus_one, "code_positions": seq_plus_one},
+        length_struct={field: seq_plus_one for field in fields},
         num_packing_bins=config.data.packing_bins,
         shuffle_bins=False,
-        padding_struct={"tokens": vocab.pad_id, "weights": 0, "code_positions": 0},
+        padding_struct={"tokens": vocab.pad_id, "weights": 0, "code_positions": 0, "task_ids": 0},
     )
     return rows.map(ToSchema(vocab))
 

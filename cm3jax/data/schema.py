@@ -5,7 +5,9 @@ Fields (all int32, [seq_len] per row): `inputs`, `targets` (inputs shifted by on
 each document), `loss_mask` (1 where the target belongs to the same document as the
 input), `token_type` (of the target: TEXT / IMAGE / SPECIAL, see cm3jax.vocab),
 `code_positions` (of the input: 1 + its index inside its image for an image code, else 0;
-cm3.cm3_code_positions — models with `model.image_grid` embed it).
+cm3.cm3_code_positions — models with `model.image_grid` embed it), `task_ids` (of the target:
+1 + the index of its fine-tuning task in `config.sft.mixture`, 0 for pretraining data and
+padding; the step's `loss/<task>` metrics).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from cm3jax.data.cm3 import image_code_positions
 from cm3jax.vocab import Vocab
 
-FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "token_type", "code_positions")
+FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "token_type", "code_positions",
+          "task_ids")
 
 
 def pack_documents(documents: Sequence[np.ndarray], seq_len: int, vocab: Vocab) -> dict[str, np.ndarray]:
@@ -48,4 +51,5 @@ def pack_documents(documents: Sequence[np.ndarray], seq_len: int, vocab: Vocab) 
         "loss_mask": loss_mask.astype(np.int32),
         "token_type": vocab.token_type(targets),
         "code_positions": image_code_positions(tokens[:-1], vocab),
+        "task_ids": np.zeros(seq_len, np.int32),
     }

@@ -32,7 +32,7 @@ in two by a cell border, or two touching objects, cannot be read back faithfully
 
 `HELD_OUT` (colour, shape) pairs never occur in 'train'; every 'validation' scene has at
 least one, so validation measures zero-shot composition. SFT variants: `vqa_examples`,
-`edit_example`, `grounded_layout` / `boxes`. `ShapesSource` is a Grain random-access
+`edit_example`, `grounded_layout` / `boxes`, `layout_map`, `long_description`. `ShapesSource` is a Grain random-access
 source whose record i is a pure function of (seed, split, i).
 """
 
@@ -430,6 +430,24 @@ def edit_example(objects: Sequence[ShapeObject], rng: np.random.Generator, *,
         position = _pick(rng, free)
         new, text = dataclasses.replace(o, position=position), f"move the {ref} to the {position}"
     return text, canonical([*rest, new])
+
+
+SEGMENT_COLORS = {"circle": "red", "square": "green", "triangle": "blue", "diamond": "yellow",
+                  "plus": "white"}  # shape class -> the colour `layout_map` paints it in
+
+
+def layout_map(objects: Sequence[ShapeObject], resolution: int = 32) -> np.ndarray:
+    """The scene's segmentation map, the input of layout-to-image: each object's exact mask
+    painted in the colour of its shape class (`SEGMENT_COLORS`), on the background. It fixes
+    every object's shape, size and place; the colour is left to the model."""
+    return render([dataclasses.replace(o, color=SEGMENT_COLORS[o.shape]) for o in objects], resolution)
+
+
+def long_description(objects: Sequence[ShapeObject]) -> str:
+    """A longer description of the scene than `caption`: the object count, then the caption,
+    e.g. 'a picture of two objects on a black background: a small red circle ... '."""
+    count = f"{NUMBERS[len(objects)]} object{'' if len(objects) == 1 else 's'}"
+    return f"a picture of {count} on a black background: {caption(objects)}"
 
 
 # ----------------------------------------------------------------------------- Grain source

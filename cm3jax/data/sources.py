@@ -36,7 +36,7 @@ from typing import Any, Callable, SupportsIndex
 import numpy as np
 from PIL import Image
 
-from cm3jax.data.images import BadRecordError, decode_caption, decode_image, to_rgb_square
+from cm3jax.data.images import BadRecordError, decode_caption, decode_image, read_image_file, to_rgb_square
 from cm3jax.errors import UserError
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -74,18 +74,6 @@ def _error_record(record_id: str, reason: str) -> Record:
 def _example(image: np.ndarray, text: str, record_id: str) -> Record:
     """A decoded image-caption record."""
     return {"image": image, "text": text, "id": record_id}
-
-
-def _read_image_file(path: str, name: str, resolution: int) -> np.ndarray:
-    """Reads and decodes one image file; a missing or unreadable file is a bad record."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        missing = isinstance(e, FileNotFoundError)
-        reason = "file not found" if missing else f"cannot read ({e.strerror})"
-        raise BadRecordError(f"{name}: {reason}") from e
-    return decode_image(data, resolution, name)
 
 
 def _decode_pair(record_id: str, decode: Callable[[], tuple[np.ndarray, str]]) -> Record:
@@ -186,7 +174,7 @@ class FolderSource:
     def _decode(self, line: _Line) -> tuple[np.ndarray, str]:
         text = decode_caption(line.caption, line.image)
         path = os.path.join(self.directory, line.image)
-        return _read_image_file(path, line.image, self.resolution), text
+        return read_image_file(path, line.image, self.resolution), text
 
 
 # ----------------------------------------------------------------------------- coco
@@ -256,7 +244,7 @@ class CocoSource:
     def _decode(self, file_name: str, caption: Any, record_id: str) -> tuple[np.ndarray, str]:
         text = decode_caption(caption if caption is not None else "", record_id)
         path = os.path.join(self.images_dir, file_name)
-        return _read_image_file(path, file_name, self.resolution), text
+        return read_image_file(path, file_name, self.resolution), text
 
 
 # ----------------------------------------------------------------------------- tfds

@@ -9,7 +9,7 @@ the final `<eos>`.
 
     task          prompt                                              target
     caption       <break> image <break>                            -> caption <eos>
-    vqa           <break> image <break> Question: question Answer: -> answer <eos>
+    vqa           Question: question <break> image <break> Answer: -> answer <eos>
     edit          <break> source <break> instruction <break>       -> edited <break> <eos>
     grounded      layout <break>                                   -> image <break> <eos>
     layout        <break> layout_map <break> <break>               -> image <break> <eos>
@@ -18,7 +18,9 @@ the final `<eos>`.
 
 `caption` and `text2image` are exactly the image-first and caption-first documents of
 pretraining (`cm3.make_document`), so fine-tuning starts from what the model already
-does. `grounded`'s layout is the shapes benchmark's `shapes.grounded_layout` text
+does. `vqa` asks the question before the image, so a causal model reads the image knowing
+what it is asked (measured on the shapes SFT: VQA accuracy 0.76 vs 0.71 with the question
+after the image, same data and steps; docs/benchmarks.md). `grounded`'s layout is the shapes benchmark's `shapes.grounded_layout` text
 ('small red circle [2,2,7,7]; ...'); `layout`'s layout_map is an image (codes) of the
 coarse layout; `edit` matches the sampler's edit prompt (cm3jax/sampling/prompts.py).
 `long_caption` and `text2image` share a template: they differ in their data, so a mixture
@@ -99,7 +101,7 @@ class Fixed:
     """Tokens every example has at this place: template words and `<break>` / `<eos>`."""
 
     ids: np.ndarray
-    label: str  # for error messages, e.g. "<break> Question:"
+    label: str  # for error messages, e.g. "<break> Answer:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +291,7 @@ def _image(name: str) -> Field:
 
 TASKS: dict[str, SftTask] = {task.name: task for task in (
     SftTask("caption", (_image("image"),), _text("caption")),
-    SftTask("vqa", (_image("image"), Words("Question:"), _text("question"), Words("Answer:")),
+    SftTask("vqa", (Words("Question:"), _text("question"), _image("image"), Words("Answer:")),
             _text("answer")),
     SftTask("edit", (_image("source"), _text("instruction")), _image("edited")),
     SftTask("grounded", (_text("layout"),), _image("image")),

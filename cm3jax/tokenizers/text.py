@@ -16,8 +16,10 @@ import numpy as np
 import sentencepiece as spm
 
 from cm3jax.errors import UserError
-from cm3jax.tokenizers.hf_text import TOKENIZER_FILE, HFTextTokenizer
+from cm3jax.tokenizers.hf_text import IDS_FILE, TOKENIZER_FILE, HFTextTokenizer
 from cm3jax.vocab import Vocab
+
+TEXT_TOKENIZER_FILES = ("tokenizer.model", TOKENIZER_FILE, IDS_FILE)  # the files a run's text tokenizer may be
 
 # SentencePiece needs the 256 byte pieces plus <unk> and a few characters at least.
 MIN_VOCAB_SIZE = 260

@@ -28,6 +28,7 @@ from cm3jax.data.prepare import prepare
 from cm3jax.models import accounting
 from cm3jax.train import init_from, partitioning, tasks
 from cm3jax.train import metrics as metrics_lib
+from cm3jax.tokenizers.text import TEXT_TOKENIZER_FILES
 from cm3jax.train.checkpoint import Checkpointer
 
 
@@ -52,7 +53,7 @@ class PreemptionFlag:
 
 
 # Files of a prepared data directory that sampling and eval need next to the checkpoints.
-TOKENIZER_FILES = ("tokenizer.model", "image_tokenizer.json")
+TOKENIZER_FILES = (*TEXT_TOKENIZER_FILES, "image_tokenizer.json")
 
 
 def write_run_files(workdir: str, config: ml_collections.ConfigDict, vocab: vocab_lib.Vocab) -> None:
