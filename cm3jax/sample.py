@@ -1,4 +1,4 @@
-"""`python -m cm3jax.sample --workdir=DIR --task=text2image|image2text|edit|generate ...`.
+"""`python -m cm3jax.sample --workdir=DIR --task=text2image|image2text|edit|vqa|grounded|generate ...`.
 
 Turns an LM checkpoint into images and captions; writes into --out (default DIR/samples):
 
@@ -7,12 +7,21 @@ Turns an LM checkpoint into images and captions; writes into --out (default DIR/
       decoding), re-ranked by the dual encoder; text2image_<i>.png is the best,
       text2image_<i>_<j>.png every candidate, text2image.json the scores.
   image2text --image PATH [--image ...] [--retrieve=k]     captions -> image2text.json
-  edit --image PATH --prompt "make the circle blue" [--guidance=3] [--image_guidance=1.5]
+  edit --image PATH --prompt "make the circle blue" [--guidance=3] [--image_guidance=1.5] [--greedy]
       edit_<i>.png and edit.json
+  vqa --image PATH --question "how many objects are there?" [--image ... --question ...]
+      greedy answers in the SFT vqa template (cm3jax/data/tasks.py) -> vqa.json
+  grounded --layout "small red circle [2,2,7,7]; large blue square [12,12,19,19]" [--layout ...]
+      [--guidance=3] [--top_p=0.9] [--greedy]   an image per layout (shapes.grounded_layout's text, the
+      SFT grounded template): grounded_<i>.png and grounded.json
   generate --prompt "..."      free interleaved text/images: generate.json (+ generate_<i>_<j>.png)
 
-A missing checkpoint, tokenizer or index, an unreadable image or a prompt longer than the
-model's context is one `error:` line and exit code 2.
+A missing checkpoint, tokenizer or index, a missing --image / --prompt / --question /
+--layout, an unreadable image or a prompt longer than the model's context is one `error:`
+line and exit code 2. vqa and grounded prompt as the SFT formats do, so they are meant for
+a model fine-tuned on those templates; a pretrained model answers them poorly. Fine-tuning
+trains no unconditional (`<mask:0>`) stream, so sample a fine-tuned model's edits and grounded
+images with `--greedy --guidance=1 --image_guidance=1`, as `cm3jax.eval --task=sft` does.
 """
 
 from __future__ import annotations
@@ -31,12 +40,15 @@ from cm3jax.data.images import BadRecordError, decode_image
 from cm3jax.errors import UserError, exit_on_user_error
 from cm3jax.sampling.generate import Generator, TextToImageOptions
 
-TASKS = ("text2image", "image2text", "edit", "generate")
+TASKS = ("text2image", "image2text", "edit", "vqa", "grounded", "generate")
 _WORKDIR = flags.DEFINE_string("workdir", None, "LM run directory (checkpoints, config.json, tokenizers).")
 _TASK = flags.DEFINE_enum("task", "text2image", TASKS, "What to generate.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "Caption / instruction / free prompt (repeatable: one batch).")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Input image file (repeatable).")
+_QUESTION = flags.DEFINE_multi_string("question", [], "vqa: a question per --image (repeatable, in order).")
+_LAYOUT = flags.DEFINE_multi_string("layout", [], "grounded: 'SIZE COLOUR SHAPE [x0,y0,x1,y1]; ...' "
+                                    "(repeatable: one batch).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "text2image candidates per prompt.")
 _RETRIEVE = flags.DEFINE_integer("retrieve", 0, "Documents retrieved from the index and prepended.")
 _INDEX = flags.DEFINE_string("index", None, "Retrieval build directory (default: the run's config.retrieval.neighbours).")
@@ -44,10 +56,12 @@ _RERANKER = flags.DEFINE_string("reranker", None, "Dual-encoder workdir re-ranki
 _GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale (text condition).")
 _IMAGE_GUIDANCE = flags.DEFINE_float("image_guidance", 1.5, "edit: guidance scale of the source image.")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling threshold.")
+_GREEDY = flags.DEFINE_bool("greedy", False, "edit / grounded: argmax decoding instead of top-p (with "
+                            "--guidance=1 --image_guidance=1: how fine-tuned models are evaluated).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 _CD_ALPHA = flags.DEFINE_float("cd_alpha", 0.1, "Contrastive decoding plausibility threshold alpha.")
 _CD_K = flags.DEFINE_integer("cd_k", 5, "Contrastive decoding: alpha is relative to the k-th likeliest token.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 300, "generate / image2text: tokens at most.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 300, "generate / image2text / vqa: tokens at most.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "Tensor-parallel devices for the heads (the rest split rows).")
@@ -69,12 +83,13 @@ def read_images(paths: list[str], resolution: int) -> np.ndarray:
     return np.stack(images)
 
 
-def _prompts(required: int | None = None) -> list[str]:
-    if not _PROMPT.value:
-        raise UserError(f"--task={_TASK.value} needs --prompt \"...\"")
-    if required is not None and len(_PROMPT.value) != required:
-        raise UserError(f"--task={_TASK.value}: {required} --image but {len(_PROMPT.value)} --prompt")
-    return list(_PROMPT.value)
+def _texts(flag: flags.FlagHolder, required: int | None = None) -> list[str]:
+    """The values of a repeatable text flag; UserError when absent or not one per --image."""
+    if not flag.value:
+        raise UserError(f"--task={_TASK.value} needs --{flag.name} \"...\"")
+    if required is not None and len(flag.value) != required:
+        raise UserError(f"--task={_TASK.value}: {required} --image but {len(flag.value)} --{flag.name}")
+    return list(flag.value)
 
 
 def _save_png(pixels: np.ndarray, out: str, name: str) -> str:
@@ -87,7 +102,7 @@ def text2image(generator: Generator, out: str) -> dict:
     options = TextToImageOptions(num_samples=_NUM_SAMPLES.value, guidance=_GUIDANCE.value, top_p=_TOP_P.value,
                                  temperature=_TEMPERATURE.value, contrastive_alpha=_CD_ALPHA.value,
                                  contrastive_k=_CD_K.value, retrieve=_RETRIEVE.value)
-    results = generator.text2image(_prompts(), options, seed=_SEED.value)
+    results = generator.text2image(_texts(_PROMPT), options, seed=_SEED.value)
     summary = []
     for i, result in enumerate(results):
         best = _save_png(result.candidates[0].pixels, out, f"text2image_{i}.png")
@@ -111,15 +126,36 @@ def image2text(generator: Generator, out: str) -> dict:
 def edit(generator: Generator, out: str) -> dict:
     """Edits every --image by its --prompt; returns the JSON summary."""
     images = read_images(_IMAGE.value, generator.model.image_tokenizer.resolution)
-    edited = generator.edit(images, _prompts(len(images)), text_guidance=_GUIDANCE.value,
-                            image_guidance=_IMAGE_GUIDANCE.value, top_p=_TOP_P.value, seed=_SEED.value)
+    edited = generator.edit(images, _texts(_PROMPT, len(images)), text_guidance=_GUIDANCE.value,
+                            image_guidance=_IMAGE_GUIDANCE.value, top_p=_TOP_P.value, seed=_SEED.value,
+                            greedy=_GREEDY.value)
     return {"results": [{"image": p, "instruction": t, "png": _save_png(e, out, f"edit_{i}.png")}
                         for i, (p, t, e) in enumerate(zip(_IMAGE.value, _PROMPT.value, edited))]}
 
 
+def vqa(generator: Generator, out: str) -> dict:
+    """Answers every --question about its --image; returns the JSON summary."""
+    images = read_images(_IMAGE.value, generator.model.image_tokenizer.resolution)
+    questions = _texts(_QUESTION, len(images))
+    answers = generator.vqa(images, questions, max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value)
+    return {"results": [{"image": p, "question": q, "answer": a}
+                        for p, q, a in zip(_IMAGE.value, questions, answers)]}
+
+
+def grounded(generator: Generator, out: str) -> dict:
+    """Draws an image of every --layout; returns the JSON summary."""
+    layouts = _texts(_LAYOUT)
+    images = generator.grounded(layouts, guidance=_GUIDANCE.value, top_p=_TOP_P.value, seed=_SEED.value,
+                                greedy=_GREEDY.value)
+    return {"options": {"guidance": _GUIDANCE.value, "top_p": _TOP_P.value, "greedy": _GREEDY.value,
+                        "seed": _SEED.value},
+            "results": [{"layout": t, "png": _save_png(image, out, f"grounded_{i}.png")}
+                        for i, (t, image) in enumerate(zip(layouts, images))]}
+
+
 def generate(generator: Generator, out: str) -> dict:
     """Free generation from every --prompt; returns the JSON summary."""
-    outputs = generator.generate(_prompts(), max_new_tokens=_MAX_NEW_TOKENS.value, top_p=_TOP_P.value,
+    outputs = generator.generate(_texts(_PROMPT), max_new_tokens=_MAX_NEW_TOKENS.value, top_p=_TOP_P.value,
                                  seed=_SEED.value)
     results = []
     for i, segments in enumerate(outputs):
@@ -147,8 +183,8 @@ def main(argv: list[str]) -> None:
     logging.info(f"loaded {_WORKDIR.value} step {generator.model.step} in {time.time() - start:.1f}s")
     os.makedirs(out, exist_ok=True)
     start = time.time()
-    summary = {"text2image": text2image, "image2text": image2text, "edit": edit, "generate": generate}[
-        _TASK.value](generator, out)
+    summary = {"text2image": text2image, "image2text": image2text, "edit": edit, "vqa": vqa,
+               "grounded": grounded, "generate": generate}[_TASK.value](generator, out)
     summary.update(workdir=_WORKDIR.value, step=generator.model.step, seconds=round(time.time() - start, 2))
     path = os.path.join(out, f"{_TASK.value}.json")
     with open(path, "w") as f:

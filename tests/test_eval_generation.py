@@ -87,12 +87,14 @@ def test_eval_all_writes_eval_json_and_report(sample_world, tmp_path):
     root.mkdir()
     for stage in ("lm", "retriever"):
         os.symlink(sample_world[stage], root / stage)
+    os.symlink(sample_world["lm"], root / "sft")  # an LM run stands in for the fine-tune of launch/demo.sh --sft
     (root / suite.STAGE_TIMES).write_text(json.dumps({"lm": 12.5}))
     result = subprocess.run([sys.executable, "-m", "cm3jax.eval", f"--workdir={root}", "--task=all", "--n=16",
                              "--prompts=2", "--retrieve=1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(root / "eval.json"))
-    assert set(report) == {"retrieval", "text2image", "image2text", "wall_time_seconds"}
+    assert set(report) == {"retrieval", "text2image", "image2text", "sft", "wall_time_seconds"}
+    assert set(report["sft"]) == {"before", "after"} and _fraction(report["sft"]["after"]["vqa_accuracy"])
     assert _fraction(report["retrieval"]["recall_at_1"])
     assert _fraction(report["text2image"]["oracle_accuracy"]) and _fraction(report["image2text"]["oracle_accuracy"])
     assert "fid" in report["text2image"] and report["image2text"]["cider"] >= 0.0
@@ -100,6 +102,7 @@ def test_eval_all_writes_eval_json_and_report(sample_world, tmp_path):
     markdown = (root / "report.md").read_text()
     assert "`text2image.oracle_accuracy`" in markdown and "`retrieval.recall_at_1`" in markdown
     assert "(lm/eval/text2image.png)" in markdown and "(lm/eval/image2text.png)" in markdown
+    assert "| VQA accuracy (exact answer) (`vqa_accuracy`) |" in markdown and "(sft/eval/sft.png)" in markdown
     assert "vqgan" not in report  # no vqgan/ here: the section is simply absent
 
 

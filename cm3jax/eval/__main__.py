@@ -13,8 +13,15 @@ Evaluates a trained run and writes DIR/eval/<task>.json (plus a PNG grid for vis
                    --inception_weights, else the retriever's image tower, named as such).
   image2text       an LM workdir: oracle accuracy, CIDEr-D and BLEU-4 of greedy captions.
   fid              an LM workdir: zero-shot MS-COCO FID (below), into DIR/eval/fid.{json,png}.
+  sft              an LM workdir (meant for a fine-tuned one): the SFT task formats on N
+                   seeded shapes scenes per set (cm3jax/eval/sft.py): VQA exact-match accuracy
+                   by question kind, caption oracle accuracy and CIDEr-D, edit success by
+                   operation and grounded (layout -> image) oracle accuracy, each image task
+                   beside its image-tokenizer ceiling, held-out pairs under `heldout_` keys and
+                   single-object scenes under `_single` keys. Greedy, no guidance, no retrieval.
   all              a launch/demo.sh directory: every section its vqgan/, retriever/ and lm/
-                   hold, into DIR/eval.json and DIR/report.md.
+                   hold (and, after `launch/demo.sh --sft`, sft on lm/ and sft/: before and
+                   after fine-tuning), into DIR/eval.json and DIR/report.md.
 
 Zero-shot MS-COCO FID (CM3leon's protocol):
 
@@ -43,14 +50,15 @@ from cm3jax.errors import UserError, exit_on_user_error
 from cm3jax.eval import suite
 from cm3jax.eval.generation import GenerationEvalOptions
 
-TASKS = ("reconstruction", "retrieval", "text2image", "image2text", "fid", "all")
+TASKS = ("reconstruction", "retrieval", "text2image", "image2text", "fid", "sft", "all")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints + config.json); a demo directory "
                                "for --task=all.")
 _TASK = flags.DEFINE_enum("task", "reconstruction", TASKS, "What to evaluate.")
 _N = flags.DEFINE_integer("n", 256, "Validation images (reconstruction), documents (retrieval) or COCO captions "
                           "(fid; the protocol uses 30000) to evaluate.")
-_PROMPTS = flags.DEFINE_integer("prompts", 64, "Prompts (images) per scene set of text2image / image2text.")
-_SEED = flags.DEFINE_integer("seed", 0, "Scene sets and sampling noise of text2image / image2text.")
+_PROMPTS = flags.DEFINE_integer("prompts", 64, "Prompts (images) per scene set of text2image / image2text / sft.")
+_SEED = flags.DEFINE_integer("seed", 0, "Scene sets (and text2image's sampling noise) of text2image / image2text / "
+                            "sft.")
 _GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale of text2image.")
 _RETRIEVE = flags.DEFINE_integer("retrieve", 2, "Documents retrieved for text2image (when the run has an index).")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus of the text2image samples.")
@@ -85,6 +93,8 @@ def main(argv: list[str]) -> None:
             raise UserError("--task=fid needs --captions=captions_val2014.json and --images=val2014/")
         result = suite.evaluate_fid(workdir, _CAPTIONS.value, _IMAGES.value, _N.value, options, _INDEX.value,
                                     _INCEPTION.value)
+    elif task == "sft":
+        result = suite.evaluate_sft(workdir, options)
     elif task == "all":
         result = suite.evaluate_all(workdir, _N.value, options, _INCEPTION.value)
     else:

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from cm3jax.data import shapes
 from cm3jax.eval import captioning, grid, shapes_metrics, shapes_prompts
 from cm3jax.eval.fid import FeatureExtractor, fid_result
 from cm3jax.sampling.generate import Generator, TextToImageOptions
@@ -98,6 +99,17 @@ def evaluate_text2image(generator: Generator, options: GenerationEvalOptions, ou
     return result
 
 
+def caption_scores(generated: list[str], scenes: list[list[shapes.ShapeObject]]) -> dict:
+    """'oracle_accuracy' and 'attribute_accuracy' of the parsed captions against the true
+    scenes, 'cider' (CIDEr-D) and 'bleu4' against the scenes' benchmark captions."""
+    oracle = shapes_metrics.image2text_oracle(generated, scenes)
+    candidates = {i: [captioning.tokenize(c)] for i, c in enumerate(generated)}
+    references = {i: [captioning.tokenize(c)] for i, c in enumerate(shapes_prompts.captions(scenes))}
+    return {"oracle_accuracy": oracle["oracle_accuracy"], "attribute_accuracy": oracle["attribute_accuracy"],
+            "cider": captioning.cider(candidates, references)[0],
+            "bleu4": captioning.bleu(candidates, references)["bleu_4"]}
+
+
 def evaluate_image2text(generator: Generator, options: GenerationEvalOptions, out_dir: str) -> dict:
     """Oracle accuracy, CIDEr and BLEU-4 of greedy captions of ground-truth renders.
 
@@ -112,13 +124,7 @@ def evaluate_image2text(generator: Generator, options: GenerationEvalOptions, ou
         images = shapes_prompts.renders(scenes, resolution)
         generated = generator.image2text(images, seed=options.seed)
         truth = shapes_prompts.captions(scenes)
-        oracle = shapes_metrics.image2text_oracle(generated, scenes)
-        candidates = {i: [captioning.tokenize(c)] for i, c in enumerate(generated)}
-        references = {i: [captioning.tokenize(c)] for i, c in enumerate(truth)}
-        result[f"{prefix}oracle_accuracy"] = oracle["oracle_accuracy"]
-        result[f"{prefix}attribute_accuracy"] = oracle["attribute_accuracy"]
-        result[f"{prefix}cider"] = captioning.cider(candidates, references)[0]
-        result[f"{prefix}bleu4"] = captioning.bleu(candidates, references)["bleu_4"]
+        result.update({f"{prefix}{k}": v for k, v in caption_scores(generated, scenes).items()})
         if kind == "scene":
             columns = min(8, options.n)
             grid.save_rows([images[:columns]], os.path.join(out_dir, "image2text.png"), columns)

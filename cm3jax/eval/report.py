@@ -38,6 +38,36 @@ def _table(result: dict) -> list[str]:
     return lines
 
 
+# (key, label, target) rows of the SFT table: each task before and after fine-tuning.
+SFT_ROWS = (
+    ("vqa_accuracy", "VQA accuracy (exact answer)", ">= 0.9"),
+    ("edit_success", "edit success (oracle: the edited scene, nothing else changed)", ">= 0.8"),
+    ("edit_ceiling", "  the image tokenizer's ceiling on those edits", None),
+    ("edit_success_single", "  edits of single-object scenes", None),
+    ("grounded_accuracy", "grounded generation (oracle: every object as the layout says)", ">= 0.8"),
+    ("grounded_ceiling", "  the image tokenizer's ceiling on those layouts", None),
+    ("grounded_accuracy_single", "  single-object layouts", None),
+    ("caption_oracle_accuracy", "captioning oracle accuracy", ">= 0.9"),
+    ("cider", "captioning CIDEr-D", None),
+    ("heldout_vqa_accuracy", "VQA, held-out colour/shape pairs", None),
+    ("heldout_edit_success", "edits, held-out colour/shape pairs", None),
+    ("heldout_grounded_accuracy", "grounded, held-out colour/shape pairs", None),
+    ("heldout_caption_oracle_accuracy", "captioning, held-out colour/shape pairs", None),
+)
+
+
+def _sft_table(sft: dict) -> list[str]:
+    before, after = sft["before"], sft["after"]
+    lines = ["## Supervised fine-tuning (`launch/demo.sh --sft`)", "",
+             f"The LM (lm/, step {before['step']}) and its fine-tune (sft/, step {after['step']}) on "
+             f"{after['n']} shapes scenes per set (`sft.before` / `sft.after` in eval.json; sft/eval/sft.png "
+             "shows edits and grounded images).", "",
+             "| task | before SFT | after SFT | target |", "|---|---|---|---|"]
+    lines += [f"| {label} (`{key}`) | {_value(before[key])} | {_value(after[key])} | {target or ''} |"
+              for key, label, target in SFT_ROWS if key in after]
+    return lines + ["", "![SFT examples](sft/eval/sft.png)", ""]
+
+
 def _grids(result: dict) -> list[str]:
     lines = []
     if "vqgan" in result:
@@ -67,6 +97,8 @@ def write_report(root: str, result: dict) -> str:
         lines += ["## Wall time (seconds)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in times.items()] + [""]
     lines += _grids(result)
+    if "sft" in result:
+        lines += _sft_table(result["sft"])
     path = os.path.join(root, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -21,9 +21,10 @@ def _has_held_out(objects: Sequence[ShapeObject]) -> bool:
     return any((o.color, o.shape) in HELD_OUT for o in objects)
 
 
-def _summary(predicted: Sequence[list[ShapeObject] | None],
-             expected: Sequence[Sequence[ShapeObject]]) -> dict:
-    """Scene and attribute accuracies of predicted scenes (None = unreadable: all wrong)."""
+def scene_summary(predicted: Sequence[list[ShapeObject] | None],
+                  expected: Sequence[Sequence[ShapeObject]]) -> dict:
+    """Scene and attribute accuracies of predicted scenes (None = unreadable: all wrong): the
+    keys of `text2image_oracle`."""
     if not expected:
         raise ValueError("no scenes to score")
     correct = np.asarray([p is not None and scene_match(p, e) for p, e in zip(predicted, expected)])
@@ -39,6 +40,7 @@ def _summary(predicted: Sequence[list[ShapeObject] | None],
         "by_object_count": {str(c): float(correct[counts == c].mean())
                             for c in sorted(set(counts))},
         "heldout_oracle_accuracy": float(correct[held_out].mean()) if held_out.any() else None,
+        "correct": correct.tolist(),
     }
 
 
@@ -48,20 +50,27 @@ def text2image_oracle(prompts: Sequence[str], images: np.ndarray) -> dict:
     `images` is uint8 [N, R, R, 3], one per prompt. Returns {'n', 'oracle_accuracy' (scenes
     matching the prompt exactly), 'attribute_accuracy' (mean of `attribute_accuracy`),
     'by_object_count' ({'1': accuracy, ...} by the prompt's object count),
-    'heldout_oracle_accuracy' (over prompts with a HELD_OUT pair; None without any)}.
+    'heldout_oracle_accuracy' (over prompts with a HELD_OUT pair; None without any),
+    'correct' (whether each image matches its prompt exactly)}.
     ValueError if a prompt does not parse (naming its index) or the counts differ.
     """
-    images = np.asarray(images)
-    if images.ndim != 4 or len(images) != len(prompts):
-        raise ValueError(f"need one [R, R, 3] image per prompt: {len(prompts)} prompts, "
-                         f"images of shape {images.shape}")
     expected = []
     for i, prompt in enumerate(prompts):
         objects = parse_caption(prompt)
         if objects is None:
             raise ValueError(f"prompt {i} is not a shapes caption: {prompt!r}")
         expected.append(objects)
-    return _summary([oracle(image) for image in images], expected)
+    return image_oracle(images, expected)
+
+
+def image_oracle(images: np.ndarray, expected: Sequence[Sequence[ShapeObject]]) -> dict:
+    """`scene_summary` of the scenes `oracle` reads from uint8 images [N, R, R, 3], one per
+    expected scene (ValueError if the counts differ)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or len(images) != len(expected):
+        raise ValueError(f"need one [R, R, 3] image per scene: {len(expected)} scenes, "
+                         f"images of shape {images.shape}")
+    return scene_summary([oracle(image) for image in images], expected)
 
 
 def image2text_oracle(captions: Sequence[str],
@@ -75,4 +84,4 @@ def image2text_oracle(captions: Sequence[str],
     if len(captions) != len(true_objects):
         raise ValueError(f"{len(captions)} captions for {len(true_objects)} scenes")
     predicted = [parse_caption(text) for text in captions]
-    return {**_summary(predicted, true_objects), "unparseable": sum(p is None for p in predicted)}
+    return {**scene_summary(predicted, true_objects), "unparseable": sum(p is None for p in predicted)}

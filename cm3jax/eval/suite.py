@@ -19,7 +19,7 @@ from cm3jax.data.pipeline import prepared_dir
 from cm3jax.data.prepare import open_split
 from cm3jax.data.records import ArrayRecordDocuments, split_paths
 from cm3jax.errors import UserError
-from cm3jax.eval import coco, fid, generation, grid, report
+from cm3jax.eval import coco, fid, generation, grid, report, sft
 from cm3jax.eval.reconstruction import evaluate_reconstruction, oracle_agreement, reconstruct, save_grid
 from cm3jax.eval.retrieval import evaluate_retrieval
 from cm3jax.models import inception, perceptual
@@ -28,7 +28,7 @@ from cm3jax.sampling.generate import Generator
 from cm3jax.tokenizers.image import VQGANTokenizer
 
 # Sub-directories of a demo directory (launch/demo.sh) and the section each one feeds.
-DEMO_STAGES = {"vqgan": "vqgan", "retriever": "retrieval", "lm": ("text2image", "image2text")}
+DEMO_STAGES = {"vqgan": "vqgan", "retriever": "retrieval", "lm": ("text2image", "image2text"), "sft": "sft"}
 STAGE_TIMES = "stage_times.json"  # written by launch/demo.sh: {stage: seconds}
 
 
@@ -110,6 +110,17 @@ def evaluate_generation(workdir: str, task: str, options: generation.GenerationE
     return result
 
 
+def evaluate_sft(workdir: str, options: generation.GenerationEvalOptions,
+                 generator: Generator | None = None) -> dict:
+    """The SFT tasks (VQA, captioning, editing, grounded generation; cm3jax/eval/sft.py) on the
+    LM run in `workdir`, without retrieval; writes DIR/eval/sft.{json,png}."""
+    generator = generator or Generator.load(workdir, index="", reranker="")
+    result = sft.evaluate_sft(generator, options, os.path.join(workdir, "eval"))
+    result["step"] = generator.model.step
+    write_result(workdir, "sft", result)
+    return result
+
+
 FID_BATCH = 64  # captions per text2image call and reference images per feature batch of --task=fid
 FID_GRID = 8  # reference images (over their generations) in DIR/eval/fid.png
 
@@ -188,8 +199,10 @@ def _stage_times(root: str) -> dict:
 
 
 def evaluate_all(root: str, n: int, options: generation.GenerationEvalOptions, inception_weights: str = "") -> dict:
-    """Every section a demo directory `root` holds (vqgan/, retriever/, lm/), as ROOT/eval.json
-    plus ROOT/report.md; each section's own JSON and grids stay in its workdir's eval/.
+    """Every section a demo directory `root` holds (vqgan/, retriever/, lm/, and sft/ of
+    `launch/demo.sh --sft`: the SFT tasks on lm/ and sft/, 'before' and 'after'), as
+    ROOT/eval.json plus ROOT/report.md; each section's own JSON and grids stay in its
+    workdir's eval/.
 
     Raises:
       UserError: `root` holds none of the demo's stage directories.
@@ -209,6 +222,9 @@ def evaluate_all(root: str, n: int, options: generation.GenerationEvalOptions, i
             section = evaluate_retriever(workdir, n)
             result["retrieval"] = {"recall_at_1": section["text_to_image_recall_at_1"],
                                    "recall_at_5": section["text_to_image_recall_at_5"], **section}
+        elif stage == "sft":
+            result["sft"] = {"before": evaluate_sft(os.path.join(root, "lm"), options),
+                             "after": evaluate_sft(workdir, options)}
         else:
             generator = Generator.load(workdir)
             for task in DEMO_STAGES["lm"]:

@@ -1,10 +1,12 @@
-"""The generation tasks: text-to-image, image-to-text, editing, free interleaved generation.
+"""The generation tasks: text-to-image, image-to-text, editing, visual question answering,
+grounded (layout-to-image) generation, free interleaved generation.
 
 `Generator` wraps a loaded LM (`sampling.model`), an optional served retrieval index
 (`cm3jax.retrieval.Retriever`) and an optional re-ranking dual encoder. Each task builds
-its prompts and guidance streams (`sampling.prompts`), runs the KV-cache decoder and turns
-tokens back into captions and pixels. Everything is batched: a list of prompts is one
-decoder call per decoding method.
+its prompts and guidance streams (`sampling.prompts`, whose conditional prompts are the
+SFT formats of `cm3jax.data.tasks`), runs the KV-cache decoder and turns tokens back into
+captions and pixels. Everything is batched: a list of prompts is one decoder call per
+decoding method.
 
 Text-to-image follows CM3leon: classifier-free guidance with `<mask:0>` as the
 unconditional caption, candidates split between top-p sampling and contrastive decoding
@@ -69,7 +71,7 @@ class TextToImageOptions:
 
 
 class Generator:
-    """Text-to-image, image-to-text, editing and free generation from one LM run."""
+    """Text-to-image, image-to-text, editing, VQA, grounded and free generation from one LM run."""
 
     def __init__(self, model: LoadedModel, retriever=None, reranker: RetrievalEncoder | None = None):
         self.model = model
@@ -157,25 +159,32 @@ class Generator:
         streams = [templates.image2text(c, vocab, [templates.retrieved_document(r.text_ids, r.image_codes, vocab, True)
                                                   for r in docs])
                    for c, docs in zip(codes, retrieved)]
-        scales = () if guidance == 1.0 else (guidance,)
-        config = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, guidance_scales=scales,
-                                image_tokens=self.model.image_tokens)
-        decoded = self.model.decoder([[s[k] for s in streams] for k in range(config.streams)], config, seed)
-        return [self._text(row) for row in decoded.rows()]
+        return self._greedy_text(streams, _scales(guidance), max_new_tokens, seed)
+
+    def vqa(self, images: np.ndarray, questions: Sequence[str], max_new_tokens: int = 16,
+            seed: int = 0) -> list[str]:
+        """A greedy answer (stripped text) per uint8 image [N, R, R, 3] and question, prompted
+        with the SFT `vqa` template ('Question: q <break> image <break> Answer:')."""
+        codes = self._paired_codes(images, questions, "questions")
+        fmt = templates.sft_format("vqa", self.model.vocab, self.model.text_tokenizer.encode)
+        streams = [templates.vqa(fmt, c, self._text_ids(q)) for c, q in zip(codes, questions)]
+        return [answer.strip() for answer in self._greedy_text(streams, (), max_new_tokens, seed)]
 
     def edit(self, images: np.ndarray, instructions: Sequence[str], text_guidance: float = 3.0,
-             image_guidance: float = 1.5, top_p: float = 0.9, seed: int = 0) -> np.ndarray:
-        """Edited uint8 images [N, R, R, 3]: text and image guidance (InstructPix2Pix-style)."""
-        if len(instructions) != len(images):
-            raise UserError(f"{len(images)} images but {len(instructions)} edit instructions")
-        vocab = self.model.vocab
-        codes = self.model.image_tokenizer.encode(self._check_images(images))
-        streams = [templates.edit(c, self._text_ids(t), vocab) for c, t in zip(codes, instructions)]
-        image_tokens = self.model.image_tokens
-        config = SamplingConfig(max_new_tokens=image_tokens + 1, top_p=top_p, image_tokens=image_tokens,
-                                stop_at_image_end=True, guidance_scales=(text_guidance, image_guidance))
-        decoded = self.model.decoder([[s[k] for s in streams] for k in range(3)], config, seed)
-        return self.model.image_tokenizer.decode(np.stack([self._codes(row[:image_tokens]) for row in decoded.tokens]))
+             image_guidance: float = 1.5, top_p: float = 0.9, seed: int = 0, greedy: bool = False) -> np.ndarray:
+        """Edited uint8 images [N, R, R, 3]: text and image guidance (InstructPix2Pix-style; a scale
+        of 1 drops its stream), top-p or `greedy` (argmax)."""
+        codes = self._paired_codes(images, instructions, "edit instructions")
+        streams = [templates.edit(c, self._text_ids(t), self.model.vocab) for c, t in zip(codes, instructions)]
+        scales = _scales(text_guidance) if image_guidance == 1.0 else (text_guidance, image_guidance)
+        return self._sample_images(streams, scales, top_p, seed, greedy)
+
+    def grounded(self, layouts: Sequence[str], guidance: float = 3.0, top_p: float = 0.9,
+                 seed: int = 0, greedy: bool = False) -> np.ndarray:
+        """A uint8 image [N, R, R, 3] per grounded layout ('small red circle [2,2,7,7]; ...',
+        `shapes.grounded_layout`): top-p or `greedy`, with CFG against `<mask:0>` unless guidance is 1."""
+        streams = [templates.grounded(self._text_ids(layout), self.model.vocab) for layout in layouts]
+        return self._sample_images(streams, _scales(guidance), top_p, seed, greedy)
 
     def generate(self, texts: Sequence[str], max_new_tokens: int = 300, top_p: float = 0.9,
                  seed: int = 0) -> list[list[Segment]]:
@@ -195,6 +204,29 @@ class Generator:
             raise UserError("retrieval asked for (--retrieve) but no index is loaded: pass --index=BUILD_DIR "
                             "(a cm3jax.retrieval.build output) or train with config.retrieval.neighbours set")
         return self.retriever.search(text=text, image=image, k=k)
+
+    def _greedy_text(self, streams: list[list[np.ndarray]], scales: tuple[float, ...], max_new_tokens: int,
+                     seed: int) -> list[str]:
+        """Greedy text after each prompt's guidance streams (`streams[b]`, fully conditioned first)."""
+        config = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, guidance_scales=scales,
+                                image_tokens=self.model.image_tokens)
+        decoded = self.model.decoder(_stream_major(streams, config.streams), config, seed)
+        return [self._text(row) for row in decoded.rows()]
+
+    def _sample_images(self, streams: list[list[np.ndarray]], scales: tuple[float, ...], top_p: float,
+                       seed: int, greedy: bool = False) -> np.ndarray:
+        """One top-p (or greedy) image (uint8 [N, R, R, 3]) after each prompt's guidance streams."""
+        image_tokens = self.model.image_tokens
+        config = SamplingConfig(max_new_tokens=image_tokens + 1, top_p=top_p, image_tokens=image_tokens,
+                                stop_at_image_end=True, guidance_scales=scales, greedy=greedy)
+        decoded = self.model.decoder(_stream_major(streams, config.streams), config, seed)
+        return self.model.image_tokenizer.decode(np.stack([self._codes(row[:image_tokens]) for row in decoded.tokens]))
+
+    def _paired_codes(self, images: np.ndarray, texts: Sequence[str], what: str) -> np.ndarray:
+        """Image codes of `images`, checked to come one per text."""
+        if len(texts) != len(images):
+            raise UserError(f"{len(images)} images but {len(texts)} {what}")
+        return self.model.image_tokenizer.encode(self._check_images(images))
 
     def _text_ids(self, text: str) -> np.ndarray:
         ids = self.model.text_tokenizer.encode(text)
@@ -244,3 +276,13 @@ class Generator:
         images = codes if self.reranker.cfg.vision_input == "codes" else pixels
         text_embedding = self.reranker.embed_texts([self._text_ids(text)])[0]
         return self.reranker.embed_images(images) @ text_embedding
+
+
+def _scales(guidance: float) -> tuple[float, ...]:
+    """Guidance scales of one condition: none (one stream) when the scale is 1."""
+    return () if guidance == 1.0 else (guidance,)
+
+
+def _stream_major(streams: list[list[np.ndarray]], count: int) -> list[list[np.ndarray]]:
+    """Per-prompt stream lists -> the decoder's `streams[s][b]`, keeping the first `count` streams."""
+    return [[prompt_streams[k] for prompt_streams in streams] for k in range(count)]
