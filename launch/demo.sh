@@ -14,19 +14,31 @@
 #   5. prints the loss summary;
 #   6. samples from it: text -> image (retrieval, CFG + contrastive decoding, re-ranked by the
 #      retriever) and image -> text, PNGs and JSON in WORKDIR/lm/samples;
-#   7. evaluates every stage (`cm3jax.eval --task=all`): shapes-oracle accuracy of text -> image
+#   7. only with --sft (about 11 more minutes): prepares the shapes SFT tasks (captioning, VQA,
+#      editing, grounded generation) with the LM's own tokenizers and fine-tunes the LM on their
+#      mixture (experiments/shapes_sft.py: parameters only from the LM, loss on the targets only);
+#   8. evaluates every stage (`cm3jax.eval --task=all`): shapes-oracle accuracy of text -> image
 #      with/without CFG and retrieval and of image -> text, CIDEr, FID over the retriever's
-#      image features, VQGAN PSNR, retriever recall, stage wall times -> WORKDIR/eval.json and
-#      WORKDIR/report.md (with the picture grids);
-#   8. shows the CM3leon-350M dry run (parameters, FLOPs, memory).
+#      image features, VQGAN PSNR, retriever recall, stage wall times and, with --sft, every SFT
+#      task before and after fine-tuning -> WORKDIR/eval.json and WORKDIR/report.md (with the
+#      picture grids);
+#   9. shows the CM3leon-350M dry run (parameters, FLOPs, memory).
 #
-#   launch/demo.sh [WORKDIR]      (default: demo_run; stages write WORKDIR/vqgan, WORKDIR/data,
-#                                  WORKDIR/retriever, WORKDIR/index and WORKDIR/lm)
+#   launch/demo.sh [--sft] [WORKDIR]   (default: demo_run; stages write WORKDIR/vqgan, WORKDIR/data,
+#                                       WORKDIR/retriever, WORKDIR/index and WORKDIR/lm; --sft also
+#                                       WORKDIR/sft_data and WORKDIR/sft)
 # A stage that is already complete is skipped when the demo runs again, and a killed demo
 # resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=${1:-demo_run}
+sft=0 root=demo_run
+for arg in "$@"; do
+  case "$arg" in
+    --sft) sft=1 ;;
+    -*) echo "usage: launch/demo.sh [--sft] [WORKDIR]  (unknown option $arg)"; exit 2 ;;
+    *) root=$arg ;;
+  esac
+done
 mkdir -p "$root"
 vqgan="$root/vqgan" data="$root/data" retriever="$root/retriever" index="$root/index" lm="$root/lm"
 
@@ -152,8 +164,25 @@ print(f"   {t2i['prompt']!r}: {len(t2i['candidates'])} candidates, best {sys.arg
 print(f"   caption of {i2t['image']}: {i2t['caption']!r}  (a 2500-step, 0.24M-parameter model)")
 print(f"   its true caption: {open(i2t['image'].replace('.png', '.txt')).read()!r}")
 PY
+if (( sft )); then
+  stage sft
+  sft_data="$root/sft_data" sft_run="$root/sft"
+  echo "== 7. fine-tuning $lm on captioning, VQA, editing and grounded generation into $sft_run (about 11 minutes)"
+  tune=(--config=experiments/shapes_sft.py --config.init_from="$lm")
+  python -m cm3jax.data.prepare "${tune[@]}" --workdir="$sft_data" 2>"$root/sft_prepare.log" \
+    || fail "$root/sft_prepare.log"
+  mkdir -p "$sft_run"
+  python -m cm3jax.train "${tune[@]}" --workdir="$sft_run" --config.data.source="prepared:$sft_data" \
+    2>>"$sft_run/train.log" || fail "$sft_run/train.log"
+  progress "$sft_run/train.log" 2
+  python - "$sft_run/metrics.jsonl" <<'PY'
+import json, sys
+last = [json.loads(line) for line in open(sys.argv[1])][-1]
+print("   final loss per task: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(last.items()) if k.startswith("loss/")))
+PY
+fi
 stage ""
-echo "== 7. evaluating every stage into $root/eval.json and $root/report.md (picture grids linked there)"
+echo "== 8. evaluating every stage into $root/eval.json and $root/report.md (picture grids linked there)"
 python -m cm3jax.eval --workdir="$root" --task=all --n=1000 --prompts=64 --guidance=2 >/dev/null 2>"$root/eval.log" \
   || fail "$root/eval.log"
 python - "$root/eval.json" <<'PY'
@@ -166,8 +195,13 @@ print(f"   text -> image, oracle accuracy on single objects: {t2i['oracle_accura
       f"(without CFG {t2i['oracle_accuracy_no_cfg']:.3f}, without retrieval {t2i['oracle_accuracy_no_retrieval']:.3f}); "
       f"2-3 objects {t2i['oracle_accuracy_multi']:.3f}; held-out colour/shape pairs {t2i['heldout_oracle_accuracy']:.3f}")
 print(f"   image -> text, oracle accuracy {i2t['oracle_accuracy']:.3f}, CIDEr-D {i2t['cider']:.3f}")
+if "sft" in r:
+    keys = {"vqa_accuracy": "VQA", "edit_success": "edits", "grounded_accuracy": "grounded images",
+            "caption_oracle_accuracy": "captions"}
+    print("   fine-tuning, before -> after: " + ", ".join(
+        f"{label} {r['sft']['before'][key]:.3f} -> {r['sft']['after'][key]:.3f}" for key, label in keys.items()))
 PY
-echo "== 8. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
+echo "== 9. CM3leon-350M as the paper trained it, on 256 GPUs (dry run: shapes only, nothing allocated)"
 python -m cm3jax.train --config=experiments/cm3leon_350m.py --dry_run --dry_run_devices=256 2>/dev/null | grep -v '^{'
 echo "demo finished: the report is $root/report.md (eval.json beside it); VQGAN in $vqgan (reconstructions: $vqgan/eval/reconstruction.png), data in $data,"
 echo "  retriever in $retriever, index + neighbours in $index, LM in $lm (metrics.jsonl, TensorBoard in $lm/tensorboard)"
