@@ -196,6 +196,12 @@ def test_bad_mixtures_are_refused_naming_the_field(overrides, field):
         validate(sft_config(**overrides), num_devices=1)
 
 
+def test_prepare_from_a_missing_init_from_is_named(tmp_path):
+    config = sft_config(tmp_path / "out", init_from=str(tmp_path / "no_run"), **{"sft.mixture": {"vqa": 1.0}})
+    with pytest.raises(UserError, match=r"^config\.init_from=.*no_run: no vocab\.json there"):
+        prepare(config, str(tmp_path / "out"))
+
+
 def test_a_task_without_a_source_is_named(tmp_path):
     config = sft_config(tmp_path, **{"sft.mixture": {"vqa": 1.0, "edit": 1.0}, "sft.sources": {"vqa": "shapes"}})
     with pytest.raises(UserError, match=r"config\.sft\.sources has no entry for task 'edit'"):

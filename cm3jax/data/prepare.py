@@ -264,8 +264,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     vocab = vocab_lib.from_config(config.vocab)
     if config.init_from:
-        vocab.check_same(vocab_lib.Vocab.load(os.path.join(config.init_from, "vocab.json")),
-                         what=f"config.init_from={config.init_from}")
+        tuned = os.path.join(config.init_from, "vocab.json")
+        if not os.path.isfile(tuned):
+            raise UserError(f"config.init_from={config.init_from}: no vocab.json there; it must be the LM workdir "
+                            "whose tokenizers this data is prepared with")
+        vocab.check_same(vocab_lib.Vocab.load(tuned), what=f"config.init_from={config.init_from}")
     _check_vocab(workdir, vocab)
     text = text_tokenizer(config, workdir, vocab)
     image = _image_tokenizer(config)
