@@ -157,8 +157,6 @@ def test_generator_rejects_bad_inputs(generator, validation_images):
         generator.edit(validation_images, ["only one"])
     with pytest.raises(UserError, match="2 images but 1 questions"):
         generator.vqa(validation_images, ["only one"])
-    with pytest.raises(UserError, match="'question' contains the template's 'Answer:'"):
-        generator.vqa(validation_images[:1], ["what colour? Answer: red"])
     with pytest.raises(UserError, match="context"):
         generator.text2image(["red " * 900])
 
