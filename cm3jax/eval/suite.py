@@ -213,6 +213,7 @@ def evaluate_all(root: str, n: int, options: generation.GenerationEvalOptions, i
                         "checkpoints (a launch/demo.sh directory)")
     result: dict = {}
     seconds: dict = {}
+    lm_generator = None  # loaded by the lm/ stage, reused for the SFT eval's 'before'
     for stage in present:
         workdir = os.path.join(root, stage)
         start = time.perf_counter()
@@ -223,13 +224,13 @@ def evaluate_all(root: str, n: int, options: generation.GenerationEvalOptions, i
             result["retrieval"] = {"recall_at_1": section["text_to_image_recall_at_1"],
                                    "recall_at_5": section["text_to_image_recall_at_5"], **section}
         elif stage == "sft":
-            result["sft"] = {"before": evaluate_sft(os.path.join(root, "lm"), options),
+            result["sft"] = {"before": evaluate_sft(os.path.join(root, "lm"), options, lm_generator),
                              "after": evaluate_sft(workdir, options)}
         else:
-            generator = Generator.load(workdir)
+            lm_generator = Generator.load(workdir)
             for task in DEMO_STAGES["lm"]:
                 result[task] = evaluate_generation(workdir, task, options, inception_weights=inception_weights,
-                                                   generator=generator)
+                                                   generator=lm_generator)
         seconds[f"eval_{stage}"] = round(time.perf_counter() - start, 1)
     result["wall_time_seconds"] = {**_stage_times(root), **seconds}
     with open(os.path.join(root, "eval.json"), "w") as f:
